@@ -1,0 +1,57 @@
+# finetune-operator: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+TOOLS_BIN := $(CURDIR)/.tools/bin
+export PATH := $(TOOLS_BIN):$(PATH)
+
+.PHONY: venv demo test test-fast lint crd tools cluster cluster-down bench clean
+
+# A virtual environment with every extra; re-installed when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q uv==$(UV_VERSION)
+	$(UV) pip install --python $(PY) -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Fine-tune a small pretrained model on this machine (CPU is fine) and show where the adapter is.
+demo: venv
+	$(VENV)/bin/finetune run examples/quickstart.yaml
+
+# The whole suite, cluster tests included: builds the test cluster's tools first (cached in .tools/).
+test: venv tools
+	$(PY) -m pytest
+
+# Everything that needs no cluster.
+test-fast: venv
+	$(PY) -m pytest -m "not cluster"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# Regenerate the CRD (and the chart's copy) from the pydantic model.
+crd: venv
+	$(VENV)/bin/finetune crd > crds/finetunejobs.finetune.dev.yaml
+	if [ -d charts/finetune-operator/crds ]; then cp crds/finetunejobs.finetune.dev.yaml charts/finetune-operator/crds/; fi
+
+# Pinned Kubernetes control plane, etcd, kwok, MinIO and helm, built from Go modules into .tools/bin.
+tools:
+	bash hack/tools/build.sh
+
+# A local cluster for people: prints the KUBECONFIG to export and the MinIO endpoint.
+cluster: venv tools
+	PYTHONPATH=tests $(PY) -m harness.cluster up
+
+cluster-down: venv
+	PYTHONPATH=tests $(PY) -m harness.cluster down
+
+bench: venv tools
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
