@@ -13,7 +13,9 @@ export PATH := $(TOOLS_BIN):$(PATH)
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv==$(UV_VERSION)
-	$(UV) pip install --python $(PY) -e '.[dev]'
+	$(UV) pip install --python $(PY) -e '.[dev]' --config-settings editable_mode=compat
+	# The four source rooms on sys.path, so packages added later import without a reinstall.
+	$(PY) -c 'import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "finetune_rooms.pth").write_text("".join(f"{pathlib.Path(d).resolve()}\n" for d in ("api", "cli", "operator", "trainer")))'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,0 +1,128 @@
+"""Contracts shared by the operator, the trainer and the tests.
+
+Each value is decided once here; the other parts import it instead of repeating literals.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- The resource -------------------------------------------------------------------------
+GROUP: Final = "finetune.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "FineTuneJob"
+PLURAL: Final = "finetunejobs"
+SINGULAR: Final = "finetunejob"
+SHORT_NAMES: Final = ("ftj",)
+CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+CRD_FILE: Final = f"crds/{CRD_NAME}.yaml"
+
+# Names of children are derived from the job name, so it must fit a DNS-1035 label with room
+# for the pod suffix (`<name>-<index>-<random>`).
+MAX_NAME_LENGTH: Final = 52
+
+
+# --- Phases -------------------------------------------------------------------------------
+class Phase:
+    PENDING: Final = "Pending"
+    RUNNING: Final = "Running"
+    SUCCEEDED: Final = "Succeeded"
+    FAILED: Final = "Failed"
+    SUSPENDED: Final = "Suspended"
+
+    ALL: Final = (PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
+    TERMINAL: Final = (SUCCEEDED, FAILED)
+
+
+# --- Condition types and reasons ---------------------------------------------------------
+class ConditionType:
+    CREATED: Final = "Created"
+    RUNNING: Final = "Running"
+    SUCCEEDED: Final = "Succeeded"
+    FAILED: Final = "Failed"
+    SUSPENDED: Final = "Suspended"
+    STALLED: Final = "Stalled"
+
+
+class Reason:
+    CREATED: Final = "Created"
+    RUNNING: Final = "Running"
+    SUCCEEDED: Final = "Succeeded"
+    FAILED: Final = "Failed"
+    SUSPENDED: Final = "Suspended"
+    RESUMED: Final = "Resumed"
+    STALLED: Final = "Stalled"
+    INVALID_SPEC: Final = "InvalidSpec"
+    PERMANENT_ERROR: Final = "PermanentError"
+    BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
+    DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
+    PREEMPTED: Final = "Preempted"
+    RESTARTED: Final = "Restarted"
+    STORAGE_ERROR: Final = "StorageError"
+
+
+# --- Trainer exit codes ------------------------------------------------------------------
+class ExitCode:
+    SUCCESS: Final = 0
+    # Bad spec, bad data, access denied: retrying cannot help. The Job's podFailurePolicy fails
+    # the whole job at once on this code.
+    PERMANENT: Final = 42
+    # SIGTERM received (preemption, eviction, drain) and a checkpoint was saved before exiting.
+    PREEMPTED: Final = 43
+    # Anything else (1, signals, OOM-kill 137...) is retryable.
+
+
+# --- Termination message ----------------------------------------------------------------
+TERMINATION_LOG_PATH: Final = "/dev/termination-log"
+TERMINATION_MESSAGE_MAX_BYTES: Final = 4096
+
+# --- Files the operator mounts into trainer pods ----------------------------------------
+SPEC_MOUNT_DIR: Final = "/etc/finetune"
+SPEC_FILE_NAME: Final = "spec.json"
+SCRATCH_DIR: Final = "/scratch"
+
+
+# --- Environment the operator sets and the trainer reads --------------------------------
+class Env:
+    SPEC_PATH: Final = "FINETUNE_SPEC_PATH"
+    JOB_NAME: Final = "FINETUNE_JOB_NAME"
+    NAMESPACE: Final = "FINETUNE_NAMESPACE"
+    OUTPUT_URI: Final = "FINETUNE_OUTPUT_URI"
+    CHECKPOINT_URI: Final = "FINETUNE_CHECKPOINT_URI"
+    METRICS_PORT: Final = "FINETUNE_METRICS_PORT"
+    # Rendezvous (turned into a torchrun launch by the trainer's launcher).
+    NUM_NODES: Final = "FINETUNE_NUM_NODES"
+    NODE_RANK: Final = "FINETUNE_NODE_RANK"
+    NPROC_PER_NODE: Final = "FINETUNE_NPROC_PER_NODE"
+    MASTER_ADDR: Final = "FINETUNE_MASTER_ADDR"
+    MASTER_PORT: Final = "FINETUNE_MASTER_PORT"
+    RDZV_TIMEOUT: Final = "FINETUNE_RDZV_TIMEOUT_SECONDS"
+    # Set by the Job controller for Indexed Jobs; the node rank is taken from it.
+    JOB_COMPLETION_INDEX: Final = "JOB_COMPLETION_INDEX"
+
+
+# --- Ports ---------------------------------------------------------------------------------
+TRAINER_METRICS_PORT: Final = 9400
+RENDEZVOUS_PORT: Final = 29500
+OPERATOR_METRICS_PORT: Final = 8080
+OPERATOR_HEALTH_PORT: Final = 8081
+
+# --- Metric name prefixes ----------------------------------------------------------------
+OPERATOR_METRIC_PREFIX: Final = "finetune_operator_"
+TRAINER_METRIC_PREFIX: Final = "finetune_trainer_"
+
+# --- Labels and annotations on children ---------------------------------------------------
+LABEL_JOB_NAME: Final = f"{GROUP}/job-name"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "finetune-operator"
+KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
+GPU_RESOURCE: Final = "nvidia.com/gpu"
+
+# --- Storage layout under the output URI -------------------------------------------------
+MANIFEST_FILE: Final = "manifest.json"
+METRICS_FILE: Final = "metrics.json"
+CHECKPOINTS_DIR: Final = "checkpoints"
+CHECKPOINT_PREFIX: Final = "step-"
+MERGED_DIR: Final = "merged"

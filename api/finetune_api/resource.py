@@ -1,0 +1,187 @@
+"""The whole FineTuneJob object, and turning manifests into validated objects or clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .constants import API_VERSION, KIND, MAX_NAME_LENGTH
+from .rules import RULE_ERROR_TYPE, Rule, enforce
+from .spec import FineTuneJobSpec
+from .status import FineTuneJobStatus
+
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+#: Root rules: the job's name becomes the Job's, the Service's and the pods' host names.
+ROOT_RULES: tuple[Rule, ...] = (
+    Rule(
+        f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('{NAME_PATTERN}')",
+        f"metadata.name must be at most {MAX_NAME_LENGTH} characters of a-z, 0-9 and '-', start with a letter "
+        "and end with a letter or digit (it names the Job, Service and pod hostnames)",
+        lambda o: len(o.metadata.name) <= MAX_NAME_LENGTH and re.match(NAME_PATTERN, o.metadata.name) is not None,
+    ),
+)
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata that we read; the rest passes through untouched."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    namespace: str | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+    generation: int | None = None
+    uid: str | None = None
+
+
+class FineTuneJob(BaseModel):
+    """A FineTuneJob manifest or object."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+    rules: ClassVar[tuple[Rule, ...]] = ROOT_RULES
+
+    api_version: Literal["finetune.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FineTuneJob"]
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+    @model_validator(mode="after")
+    def _enforce_rules(self) -> FineTuneJob:
+        enforce(self.rules, self)
+        return self
+
+
+assert API_VERSION == FineTuneJob.model_fields["api_version"].annotation.__args__[0]  # type: ignore[union-attr]
+assert KIND == FineTuneJob.model_fields["kind"].annotation.__args__[0]  # type: ignore[union-attr]
+
+
+# --- Errors in the API server's words -------------------------------------------------------
+
+_JSON_TYPE = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    for py, name in _JSON_TYPE.items():
+        if type(value) is py:
+            return name
+    return type(value).__name__
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (dict, BaseModel)):
+        return '"object"'
+    if isinstance(value, list):
+        return '"array"'
+    return json.dumps(value)
+
+
+_TYPE_ERRORS = {
+    "int_type": "integer",
+    "int_parsing": "integer",
+    "int_from_float": "integer",
+    "float_type": "number",
+    "float_parsing": "number",
+    "bool_type": "boolean",
+    "bool_parsing": "boolean",
+    "string_type": "string",
+    "model_type": "object",
+    "model_attributes_type": "object",
+    "dict_type": "object",
+    "list_type": "array",
+}
+
+
+def describe_error(err: Any) -> str:
+    """One pydantic error as one line, worded as the Kubernetes API server words it."""
+    loc = tuple(err["loc"])
+    path = _path(loc) or "<root>"
+    kind = err["type"]
+    value = err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "missing":
+        return f"{path}: Required value"
+    if kind == "extra_forbidden":
+        return f'{path}: unknown field "{path}"'
+    if kind == "literal_error":
+        expected = ctx.get("expected", "")
+        options = re.findall(r"'([^']*)'", expected)
+        shown = ", ".join(f'"{o}"' for o in options) if options else ", ".join(re.split(r", | or ", expected))
+        return f"{path}: Unsupported value: {_show(value)}: supported values: {shown}"
+    if kind in _TYPE_ERRORS:
+        return f"{path}: Invalid value: {_show(value)}: {path} in body must be of type {_TYPE_ERRORS[kind]}: \"{_json_type(value)}\""
+    bounds = {
+        "greater_than": ("should be greater than", "gt"),
+        "greater_than_equal": ("should be greater than or equal to", "ge"),
+        "less_than": ("should be less than", "lt"),
+        "less_than_equal": ("should be less than or equal to", "le"),
+    }
+    if kind in bounds:
+        words, key = bounds[kind]
+        return f"{path}: Invalid value: {_show(value)}: {path} in body {words} {ctx[key]}"
+    if kind == "string_pattern_mismatch":
+        return f"{path}: Invalid value: {_show(value)}: {path} in body should match '{ctx['pattern']}'"
+    if kind == "string_too_short":
+        return f"{path}: Invalid value: {_show(value)}: {path} in body should be at least {ctx['min_length']} chars long"
+    if kind == "string_too_long":
+        return f"{path}: Too long: may not be more than {ctx['max_length']} bytes"
+    if kind == "too_short":
+        return f"{path}: Invalid value: {ctx.get('actual_length')}: {path} in body should have at least {ctx['min_length']} items"
+    if kind == "too_long":
+        return f"{path}: Too many: {ctx.get('actual_length')}: must have at most {ctx['max_length']} items"
+    if kind == RULE_ERROR_TYPE:
+        return f'{path}: Invalid value: "object": {err["msg"]}'
+    return f"{path}: {err['msg']}"
+
+
+@dataclass
+class ManifestError(Exception):
+    """A manifest that cannot become a FineTuneJob; `lines` are what the user reads."""
+
+    lines: list[str]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+def parse_job(doc: Any) -> FineTuneJob:
+    """Validate one decoded manifest (a dict) as a FineTuneJob, or raise ManifestError."""
+    if doc is None:
+        raise ManifestError(["<root>: empty document: expected a FineTuneJob"])
+    if not isinstance(doc, dict):
+        raise ManifestError([f"<root>: expected a FineTuneJob object, got {_json_type(doc)}"])
+    if doc.get("apiVersion") != API_VERSION or doc.get("kind") != KIND:
+        raise ManifestError(
+            [f"<root>: not a FineTuneJob: apiVersion {doc.get('apiVersion')!r}, kind {doc.get('kind')!r} "
+             f"(want apiVersion {API_VERSION!r}, kind {KIND!r})"]
+        )
+    try:
+        return FineTuneJob.model_validate(doc)
+    except ValidationError as exc:
+        raise ManifestError([describe_error(e) for e in exc.errors()]) from None
+
+
+def parse_spec(spec: Any) -> FineTuneJobSpec:
+    """Validate a bare spec (as the operator mounts it for the trainer), or raise ManifestError."""
+    try:
+        return FineTuneJobSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise ManifestError([describe_error({**e, "loc": ("spec", *e["loc"])}) for e in exc.errors()]) from None

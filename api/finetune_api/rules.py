@@ -1,0 +1,41 @@
+"""Cross-field rules, written once and enforced twice.
+
+Each rule carries a CEL expression (rendered into the CRD as `x-kubernetes-validations`, so that
+`kubectl apply` rejects the object) and a Python predicate (run by the pydantic model, so that
+`finetune validate`, the operator and the trainer reject it too). Both use the same message.
+A test applies every bad manifest to a real API server to keep the two halves in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic_core import PydanticCustomError
+
+
+@dataclass(frozen=True)
+class Rule:
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+
+    def x_validation(self) -> dict[str, str]:
+        # The message names the fields itself; the error is reported at the object's path on
+        # both sides, so the two messages are identical.
+        return {"rule": self.cel, "message": self.message}
+
+
+RULE_ERROR_TYPE = "rule"
+
+
+def enforce(rules: tuple[Rule, ...], obj: Any) -> None:
+    """Raise on the first broken rule (pydantic reports it at the object's path)."""
+    for rule in rules:
+        if not rule.check(obj):
+            raise PydanticCustomError(RULE_ERROR_TYPE, rule.message)
+
+
+def x_validations(rules: tuple[Rule, ...]) -> list[dict[str, str]]:
+    return [r.x_validation() for r in rules]

@@ -1,0 +1,116 @@
+"""FineTuneJob status, and the small documents the trainer hands to the operator.
+
+Only the operator writes status. The trainer reports through its metrics endpoint while it runs
+and through the termination message when it ends; both shapes are defined here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from .constants import Phase
+
+
+class StatusModel(BaseModel):
+    """Status is read back from the API server, so types are lax (timestamps arrive as strings)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Condition(StatusModel):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(description="Created, Running, Succeeded, Failed, Suspended or Stalled.")
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(description="CamelCase reason, one of the named constants.")
+    message: str = ""
+    last_transition_time: datetime | None = None
+    observed_generation: int | None = None
+
+
+class Progress(StatusModel):
+    """Where training is."""
+
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    percent: int = Field(0, ge=0, le=100)
+    eta_seconds: int | None = None
+
+
+class Checkpoint(StatusModel):
+    """The newest complete checkpoint."""
+
+    step: int
+    uri: str
+    time: datetime | None = None
+
+
+class Artifact(StatusModel):
+    """The finished artifact: exactly what its manifest.json describes."""
+
+    uri: str = Field(description="Prefix of the artifact (holds manifest.json).")
+    sha256: str = Field(description="sha256 of manifest.json, which lists every file's sha256.")
+    size_bytes: int = Field(description="Total size of the artifact's files.")
+
+
+class FineTuneJobStatus(StatusModel):
+    """Observed state of a FineTuneJob."""
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"] | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    progress: Progress | None = None
+    metrics: dict[str, float] | None = Field(
+        None, description="Latest metrics: loss, evalLoss, perplexity, learningRate, tokensPerSecond..."
+    )
+    last_checkpoint: Checkpoint | None = None
+    artifact: Artifact | None = None
+    restarts: int = 0
+    last_restart_reason: str | None = None
+    job_name: str | None = Field(None, description="The batch/v1 Job running the trainer.")
+
+
+assert set(Phase.ALL) == set(FineTuneJobStatus.model_fields["phase"].annotation.__args__[0].__args__)  # type: ignore[union-attr]
+
+
+class FileEntry(StatusModel):
+    path: str
+    sha256: str
+    size_bytes: int
+
+
+class Manifest(StatusModel):
+    """manifest.json: written last under an artifact or checkpoint prefix; its presence marks completeness."""
+
+    kind: Literal["artifact", "checkpoint"]
+    files: list[FileEntry]
+    step: int | None = None
+    base_model: dict[str, Any] = Field(default_factory=dict)
+    spec: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    created_at: datetime | None = None
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.files)
+
+
+class TerminationMessage(StatusModel):
+    """What the trainer writes to /dev/termination-log (at most 4 KiB) as it exits."""
+
+    outcome: Literal["succeeded", "failed", "preempted"]
+    reason: str = ""
+    message: str = ""
+    artifact: Artifact | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    last_checkpoint: Checkpoint | None = None
