@@ -126,3 +126,19 @@ METRICS_FILE: Final = "metrics.json"
 CHECKPOINTS_DIR: Final = "checkpoints"
 CHECKPOINT_PREFIX: Final = "step-"
 MERGED_DIR: Final = "merged"
+
+# Where the operator mounts pvc://claim/path sources and outputs: pvc://claim/p -> PVC_MOUNT_ROOT/claim/p.
+PVC_MOUNT_ROOT: Final = "/mnt/pvc"
+
+
+class StorageEnv:
+    """Keys of output.credentialsSecret, passed to trainer pods as environment of the same names."""
+
+    ACCESS_KEY_ID: Final = "AWS_ACCESS_KEY_ID"
+    SECRET_ACCESS_KEY: Final = "AWS_SECRET_ACCESS_KEY"
+    SESSION_TOKEN: Final = "AWS_SESSION_TOKEN"
+    ENDPOINT_URL: Final = "AWS_ENDPOINT_URL"
+    REGION: Final = "AWS_REGION"
+
+    ALL: Final = (ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN, ENDPOINT_URL, REGION)
+    SECRETS: Final = (ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN)

@@ -1,0 +1,534 @@
+"""One storage layer for models, datasets, checkpoints and artifacts.
+
+URIs: ``s3://bucket/key`` (any S3-compatible endpoint, through s3fs), ``file:///abs``, plain
+absolute or ``./relative`` paths, and ``pvc://claim/path`` (the claim mounted by the operator at
+``finetune_api.constants.PVC_MOUNT_ROOT/claim``).
+
+S3 endpoint, region and credentials come from the environment the operator fills from the
+output's credentials Secret (``finetune_api.constants.StorageEnv``: AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION). They are handed to s3fs only: never logged,
+never put in an exception message, a manifest or a return value.
+
+Public API:
+
+``StorageError(message, *, uri, permanent)``
+    Every failure of this module. ``permanent`` is True when retrying cannot help (no such bucket,
+    access denied, not found, corrupt checkpoint); transient errors (timeouts, 5xx, connection
+    refused) are retried with exponential backoff first and raised with ``permanent=False``.
+``resolve(uri) -> (fs, path)``
+    The fsspec filesystem and the path inside it.
+``fetch(uri, local_dir) -> Path``
+    A local copy of a remote file or prefix (verified against its manifest when it has one);
+    local URIs are returned as they are, without a copy.
+``publish(local_dir, dest_uri, *, kind, step=None, spec=None, base_model=None, versions=None)``
+    Uploads every file under ``local_dir`` (large files in parts), then ``manifest.json`` LAST,
+    and returns ``(Manifest, Artifact)``; the Artifact's sha256 is that of the manifest's bytes.
+    A prefix without manifest.json is incomplete and must never be reported.
+``read_manifest(uri) -> Manifest | None``
+``verify(uri) -> Manifest``
+    Re-hashes every file the manifest lists; StorageError on a missing file or a mismatch.
+``check_writable(uri)``
+    Writes and deletes a probe object: fails fast (permanent) on a missing bucket or bad
+    credentials before any training time is spent.
+``list_complete_checkpoints(checkpoints_uri) -> [(step, uri)]``
+    ``step-N`` prefixes that hold a manifest, sorted by step.
+``prune_checkpoints(checkpoints_uri, keep)``
+    Deletes all but the newest ``keep`` complete checkpoints, and incomplete ones older than the
+    newest complete one (manifest removed first, so a half-deleted checkpoint is never complete).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import fsspec
+from finetune_api.constants import CHECKPOINT_PREFIX, MANIFEST_FILE, PVC_MOUNT_ROOT, StorageEnv
+from finetune_api.status import Artifact, FileEntry, Manifest
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Part size of multipart uploads (S3's minimum part is 5 MiB); files of two parts or more go up
+#: in parts, each retried by s3fs on its own.
+MULTIPART_CHUNK_BYTES = 8 * 2**20
+_HASH_BLOCK = 4 * 2**20
+_STEP_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for transient errors: base, 2*base, 4*base... capped at max_delay_s."""
+
+    attempts: int = 8
+    base_delay_s: float = 0.5
+    max_delay_s: float = 16.0
+
+    def delay(self, attempt: int) -> float:
+        # Jitter (75-100 %) so that many pods do not hammer a recovering endpoint in lockstep.
+        return min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.75, 1.0)
+
+
+#: The policy every operation uses; about 35-50 s of retrying before a transient error surfaces.
+RETRY = RetryPolicy()
+
+
+class StorageError(Exception):
+    """A storage operation failed. The message names the URI and never contains credentials."""
+
+    def __init__(self, message: str, *, uri: str, permanent: bool) -> None:
+        super().__init__(_scrub(message))
+        self.uri = uri
+        self.permanent = permanent
+
+
+def _scrub(text: str) -> str:
+    """Remove credential values from a text (defence in depth: error texts come from libraries)."""
+    for name in StorageEnv.SECRETS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+# --- URIs --------------------------------------------------------------------------------
+
+
+def _s3_filesystem() -> fsspec.AbstractFileSystem:
+    import s3fs  # imported lazily: local runs need no boto stack
+
+    env = os.environ
+    client_kwargs: dict[str, Any] = {}
+    config_kwargs: dict[str, Any] = {"connect_timeout": 10, "read_timeout": 60}
+    if env.get(StorageEnv.REGION):
+        client_kwargs["region_name"] = env[StorageEnv.REGION]
+    endpoint = env.get(StorageEnv.ENDPOINT_URL) or None
+    if endpoint:
+        # S3-compatible servers (MinIO, Ceph...) are addressed by path, not by bucket host name.
+        config_kwargs["s3"] = {"addressing_style": "path"}
+    return s3fs.S3FileSystem(
+        key=env.get(StorageEnv.ACCESS_KEY_ID) or None,
+        secret=env.get(StorageEnv.SECRET_ACCESS_KEY) or None,
+        token=env.get(StorageEnv.SESSION_TOKEN) or None,
+        endpoint_url=endpoint,
+        client_kwargs=client_kwargs,
+        config_kwargs=config_kwargs,
+        use_listings_cache=False,
+        # A fresh client per call: credentials may change between calls (tests, rotated Secrets).
+        skip_instance_cache=True,
+    )
+
+
+def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem that holds `uri`, and the path inside it (no trailing slash)."""
+    if uri.startswith("s3://"):
+        path = uri.removeprefix("s3://").rstrip("/")
+        if not path:
+            raise StorageError(f"{uri}: no bucket in the URI", uri=uri, permanent=True)
+        return _s3_filesystem(), path
+    if uri.startswith("pvc://"):
+        local = os.path.join(PVC_MOUNT_ROOT, uri.removeprefix("pvc://"))
+    elif uri.startswith("file://"):
+        local = uri.removeprefix("file://")
+    elif uri.startswith(("/", "./", "../")) or uri in (".", ".."):
+        local = uri
+    else:
+        raise StorageError(
+            f"{uri}: not a storage URI (expected s3://, file://, pvc:// or a local path)",
+            uri=uri,
+            permanent=True,
+        )
+    path = os.path.abspath(local)
+    return LocalFileSystem(auto_mkdir=True), path
+
+
+def _join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+# --- Errors and retries ------------------------------------------------------------------
+
+_PERMANENT_ERRNOS = {errno.EINVAL, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENAMETOOLONG}
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    """Retrying cannot help: missing bucket/object, access denied, bad request, no credentials."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(
+        exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError | ValueError
+    ):
+        return True
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return True
+    if isinstance(exc, ClientError):
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500) or 500)
+        return 400 <= status < 500 and status not in (408, 429)
+    if isinstance(exc, BotoCoreError):
+        return False  # connection refused, timeouts, closed connections
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+        return True
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    kind = {FileNotFoundError: "not found (no such bucket or key)", PermissionError: "access denied"}
+    for cls, text in kind.items():
+        if isinstance(exc, cls):
+            return f"{text}: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _retry(what: str, uri: str, fn: Callable[[], T]) -> T:
+    """Run fn, retrying transient errors with backoff; raise StorageError naming `uri`."""
+    for attempt in range(1, RETRY.attempts + 1):
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as exc:
+            permanent = _is_permanent(exc)
+            if permanent or attempt == RETRY.attempts:
+                tried = "" if permanent else f" after {attempt} attempts"
+                raise StorageError(
+                    f"{what} {uri} failed{tried}: {_describe(exc)}", uri=uri, permanent=permanent
+                ) from None  # the chained boto error is not needed and could echo request details
+            delay = RETRY.delay(attempt)
+            log.warning(
+                "%s %s: transient error (attempt %d/%d), retrying in %.1fs: %s",
+                what,
+                uri,
+                attempt,
+                RETRY.attempts,
+                delay,
+                _scrub(_describe(exc)),
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --- Manifests ---------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """The exact bytes written as manifest.json (the artifact's sha256 is taken over these)."""
+    return (json.dumps(manifest.wire(), indent=2, sort_keys=True) + "\n").encode()
+
+
+def _local_files(local_dir: Path) -> list[tuple[str, Path]]:
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    out = [(p.relative_to(local_dir).as_posix(), p) for p in files]
+    # A stale manifest in the source folder would describe other files; ours is built fresh.
+    return [(rel, p) for rel, p in out if rel != MANIFEST_FILE]
+
+
+def read_manifest(uri: str) -> Manifest | None:
+    """The manifest of a prefix, or None when the prefix is incomplete (no manifest.json)."""
+    fs, root = resolve(uri)
+    path = f"{root}/{MANIFEST_FILE}"
+
+    def load() -> bytes | None:
+        try:
+            return bytes(fs.cat_file(path))
+        except FileNotFoundError:
+            if not _is_local(fs):
+                _check_bucket(fs, root, uri)
+            return None
+
+    data = _retry("read manifest of", uri, load)
+    if data is None:
+        return None
+    try:
+        return Manifest.model_validate_json(data)
+    except ValueError as exc:
+        raise StorageError(
+            f"{_join(uri, MANIFEST_FILE)} is not a valid manifest: {exc}", uri=uri, permanent=True
+        ) from None
+
+
+def _check_bucket(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> None:
+    """Turn 'not found' on a key into a permanent error when the whole bucket is missing."""
+    bucket = root.split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise StorageError(f"{uri}: no such bucket {bucket!r} (or no access to it)", uri=uri, permanent=True)
+
+
+# --- Publishing --------------------------------------------------------------------------
+
+
+def publish(
+    local_dir: Path,
+    dest_uri: str,
+    *,
+    kind: Literal["artifact", "checkpoint"],
+    step: int | None = None,
+    spec: dict[str, Any] | None = None,
+    base_model: dict[str, Any] | None = None,
+    versions: dict[str, str] | None = None,
+) -> tuple[Manifest, Artifact]:
+    """Upload every file under local_dir to dest_uri, then manifest.json last."""
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise StorageError(
+            f"cannot publish {local_dir} to {dest_uri}: not a directory", uri=dest_uri, permanent=True
+        )
+    files = _local_files(local_dir)
+    entries = [FileEntry(path=rel, sha256=sha256_file(p), size_bytes=p.stat().st_size) for rel, p in files]
+    manifest = Manifest(
+        kind=kind,
+        files=entries,
+        step=step,
+        base_model=base_model or {},
+        spec=spec or {},
+        versions=versions or {},
+        created_at=datetime.now(UTC),
+    )
+    fs, root = resolve(dest_uri)
+    manifest_path = f"{root}/{MANIFEST_FILE}"
+
+    # Re-publishing (a checkpoint saved again after a restart): the prefix stops being complete
+    # before any of its files change.
+    def drop_old_manifest() -> None:
+        if fs.exists(manifest_path):
+            fs.rm_file(manifest_path)
+
+    _retry("prepare", dest_uri, drop_old_manifest)
+
+    put_kwargs: dict[str, Any] = {} if _is_local(fs) else {"chunksize": MULTIPART_CHUNK_BYTES}
+    for rel, path in files:
+        target = f"{root}/{rel}"
+        _retry(
+            "upload to", _join(dest_uri, rel), lambda p=path, t=target: fs.put_file(str(p), t, **put_kwargs)
+        )
+
+    # Every file must be there, at its full size, before the manifest says the prefix is complete.
+    def check_uploaded() -> None:
+        for entry in entries:
+            size = fs.info(f"{root}/{entry.path}")["size"]
+            if size != entry.size_bytes:
+                raise OSError(errno.EIO, f"{entry.path} has {size} bytes, expected {entry.size_bytes}")
+
+    _retry("check upload to", dest_uri, check_uploaded)
+
+    data = manifest_bytes(manifest)
+    _retry("write manifest to", dest_uri, lambda: _write_manifest(fs, manifest_path, data))
+    artifact = Artifact(uri=dest_uri, sha256=hashlib.sha256(data).hexdigest(), size_bytes=manifest.size_bytes)
+    log.info(
+        "published %s: %d files, %d bytes, manifest sha256 %s",
+        dest_uri,
+        len(entries),
+        artifact.size_bytes,
+        artifact.sha256,
+    )
+    return manifest, artifact
+
+
+def _write_manifest(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    if _is_local(fs):
+        # Temp file + rename: readers see no manifest or the whole manifest, never half of one.
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".manifest-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)  # a single PUT: S3 objects appear atomically
+
+
+def artifact_of(uri: str) -> Artifact | None:
+    """The Artifact a complete prefix describes (sha256 of its manifest bytes), or None."""
+    fs, root = resolve(uri)
+    path = f"{root}/{MANIFEST_FILE}"
+
+    def load() -> bytes | None:
+        try:
+            return bytes(fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+
+    data = _retry("read manifest of", uri, load)
+    if data is None:
+        return None
+    manifest = Manifest.model_validate_json(data)
+    return Artifact(uri=uri, sha256=hashlib.sha256(data).hexdigest(), size_bytes=manifest.size_bytes)
+
+
+def verify(uri: str) -> Manifest:
+    """Re-hash every file the manifest lists; raise StorageError (permanent) on any difference."""
+    manifest = read_manifest(uri)
+    if manifest is None:
+        raise StorageError(f"{uri}: incomplete, no {MANIFEST_FILE}", uri=uri, permanent=True)
+    fs, root = resolve(uri)
+    for entry in manifest.files:
+        file_uri = _join(uri, entry.path)
+
+        def digest(path: str = f"{root}/{entry.path}") -> tuple[str, int]:
+            h, size = hashlib.sha256(), 0
+            with fs.open(path, "rb", block_size=_HASH_BLOCK) as f:
+                while block := f.read(_HASH_BLOCK):
+                    h.update(block)
+                    size += len(block)
+            return h.hexdigest(), size
+
+        sha, size = _retry("verify", file_uri, digest)
+        if sha != entry.sha256 or size != entry.size_bytes:
+            raise StorageError(
+                f"{file_uri}: sha256/size mismatch (manifest {entry.sha256[:12]}…/{entry.size_bytes} B, "
+                f"stored {sha[:12]}…/{size} B)",
+                uri=file_uri,
+                permanent=True,
+            )
+    return manifest
+
+
+def check_writable(uri: str) -> None:
+    """Write and delete a small probe under uri: a missing bucket or bad credentials fail here."""
+    fs, root = resolve(uri)
+    probe = f"{root}/.finetune-probe-{os.getpid()}-{random.randrange(1 << 30)}"
+
+    def write_and_delete() -> None:
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+
+    _retry("write to", uri, write_and_delete)
+
+
+# --- Fetching ----------------------------------------------------------------------------
+
+
+def fetch(uri: str, local_dir: Path) -> Path:
+    """A local path for uri: local URIs as they are; remote files/prefixes downloaded into local_dir."""
+    fs, root = resolve(uri)
+    if _is_local(fs):
+        if not os.path.exists(root):
+            raise StorageError(f"{uri}: no such file or directory", uri=uri, permanent=True)
+        return Path(root)
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+
+    def info() -> dict[str, Any]:
+        try:
+            return dict(fs.info(root))
+        except FileNotFoundError:
+            _check_bucket(fs, root, uri)
+            raise
+
+    if _retry("stat", uri, info)["type"] != "directory":
+        target = local_dir / root.rsplit("/", 1)[-1]
+        _retry("download", uri, lambda: fs.get_file(root, str(target)))
+        return target
+
+    keys = _retry("list", uri, lambda: list(fs.find(root)))
+    for key in keys:
+        rel = key[len(root) + 1 :]
+        target = local_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _retry("download", _join(uri, rel), lambda k=key, t=target: fs.get_file(k, str(t)))
+    manifest_file = local_dir / MANIFEST_FILE
+    if manifest_file.exists():
+        _verify_local(Manifest.model_validate_json(manifest_file.read_bytes()), local_dir, uri)
+    log.info("fetched %s (%d files) to %s", uri, len(keys), local_dir)
+    return local_dir
+
+
+def _verify_local(manifest: Manifest, local_dir: Path, uri: str) -> None:
+    for entry in manifest.files:
+        path = local_dir / entry.path
+        if not path.is_file() or path.stat().st_size != entry.size_bytes or sha256_file(path) != entry.sha256:
+            raise StorageError(
+                f"{_join(uri, entry.path)}: download does not match the manifest", uri=uri, permanent=False
+            )
+
+
+# --- Checkpoints -------------------------------------------------------------------------
+
+
+def checkpoint_uri(checkpoints_uri: str, step: int) -> str:
+    return _join(checkpoints_uri, f"{CHECKPOINT_PREFIX}{step}")
+
+
+def _list_steps(checkpoints_uri: str) -> list[tuple[int, str, bool]]:
+    """(step, uri, complete) of every step-N prefix, sorted by step."""
+    fs, root = resolve(checkpoints_uri)
+
+    def scan() -> list[tuple[int, str, bool]]:
+        try:
+            names = [str(n).rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)]
+        except FileNotFoundError:
+            if not _is_local(fs):
+                _check_bucket(fs, root, checkpoints_uri)
+            return []
+        found = []
+        for name in names:
+            if m := _STEP_RE.match(name):
+                step = int(m.group(1))
+                complete = bool(fs.exists(f"{root}/{name}/{MANIFEST_FILE}"))
+                found.append((step, checkpoint_uri(checkpoints_uri, step), complete))
+        return sorted(found)
+
+    return _retry("list checkpoints in", checkpoints_uri, scan)
+
+
+def list_complete_checkpoints(checkpoints_uri: str) -> list[tuple[int, str]]:
+    """(step, uri) of the step-N prefixes that hold a manifest, oldest first."""
+    return [(step, uri) for step, uri, complete in _list_steps(checkpoints_uri) if complete]
+
+
+def prune_checkpoints(checkpoints_uri: str, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; delete older complete and incomplete ones."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    steps = _list_steps(checkpoints_uri)
+    complete = [step for step, _, ok in steps if ok]
+    if not complete:
+        return
+    kept = set(complete[-keep:])
+    newest = complete[-1]
+    # Incomplete prefixes newer than the newest complete one may be uploads in progress.
+    doomed = [(step, uri) for step, uri, _ in steps if step not in kept and step < newest]
+    for step, uri in doomed:
+        fs, root = resolve(uri)
+
+        def delete(fs: fsspec.AbstractFileSystem = fs, root: str = root) -> None:
+            manifest = f"{root}/{MANIFEST_FILE}"
+            if fs.exists(manifest):
+                fs.rm_file(manifest)  # first: never leave a "complete" checkpoint with files missing
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+
+        _retry("delete checkpoint", uri, delete)
+        log.info("pruned checkpoint step %d at %s", step, uri)
