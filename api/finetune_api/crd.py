@@ -48,6 +48,15 @@ def _walk_types(tp: Any) -> list[Any]:
     return out
 
 
+def _merge(target: dict[str, Any], siblings: dict[str, Any]) -> dict[str, Any]:
+    """Siblings of a $ref override its keys, except rules, which add up."""
+    out = {**target, **siblings}
+    key = "x-kubernetes-validations"
+    if key in target and key in siblings:
+        out[key] = target[key] + siblings[key]
+    return out
+
+
 class _Converter:
     def __init__(self, root: type[BaseModel], keep_defaults: bool) -> None:
         self.schema = root.model_json_schema(by_alias=True, mode="validation")
@@ -64,13 +73,13 @@ class _Converter:
         if "$ref" in node:
             name = node.pop("$ref").rsplit("/", 1)[-1]
             target = self.convert(self.defs[name], model=self.classes.get(name))
-            return {**target, **self._siblings(node)}
+            return _merge(target, self._siblings(node))
         for key in ("anyOf", "oneOf", "allOf"):
             if key in node:
                 variants = [v for v in node.pop(key) if v.get("type") != "null"]
                 if len(variants) != 1:
                     raise ValueError(f"unions are not structural: {variants}")
-                return {**self.convert(variants[0]), **self._siblings(node)}
+                return _merge(self.convert(variants[0]), self._siblings(node))
         out: dict[str, Any] = {}
         for key, value in node.items():
             if key in _DROP:

@@ -6,9 +6,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import re
+
 import yaml
 
 from finetune_api import FineTuneJob, ManifestError, parse_job
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-5` as a number, as kubectl's YAML 1.2 parser does (PyYAML's
+    YAML 1.1 rules would make it a string and the manifest would fail here but pass kubectl)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 @dataclass
@@ -31,7 +45,7 @@ def load_documents(path: Path) -> list[Any]:
     if not text.strip():
         raise ManifestError(["empty file: expected a FineTuneJob manifest"])
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
