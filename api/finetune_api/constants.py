@@ -60,6 +60,9 @@ class Reason:
     PREEMPTED: Final = "Preempted"
     RESTARTED: Final = "Restarted"
     STORAGE_ERROR: Final = "StorageError"
+    PENDING: Final = "Pending"
+    # Created suspended, waiting for Kueue to admit it (spec.queueName).
+    QUEUED: Final = "Queued"
 
 
 # --- Trainer exit codes ------------------------------------------------------------------
@@ -111,6 +114,19 @@ OPERATOR_HEALTH_PORT: Final = 8081
 # --- Metric name prefixes ----------------------------------------------------------------
 OPERATOR_METRIC_PREFIX: Final = "finetune_operator_"
 TRAINER_METRIC_PREFIX: Final = "finetune_trainer_"
+
+
+class TrainerMetric:
+    """Trainer metrics the operator reads for status.progress and status.metrics."""
+
+    STEP: Final = f"{TRAINER_METRIC_PREFIX}step"
+    TOTAL_STEPS: Final = f"{TRAINER_METRIC_PREFIX}total_steps"
+    EPOCH: Final = f"{TRAINER_METRIC_PREFIX}epoch"
+    LOSS: Final = f"{TRAINER_METRIC_PREFIX}loss"
+    LEARNING_RATE: Final = f"{TRAINER_METRIC_PREFIX}learning_rate"
+    TOKENS_PER_SECOND: Final = f"{TRAINER_METRIC_PREFIX}tokens_per_second"
+    EVAL_LOSS: Final = f"{TRAINER_METRIC_PREFIX}eval_loss"
+
 
 # --- Labels and annotations on children ---------------------------------------------------
 LABEL_JOB_NAME: Final = f"{GROUP}/job-name"

@@ -1,0 +1,386 @@
+"""Pure builders: a validated FineTuneJob spec -> the manifests of its children.
+
+No I/O here; everything is a plain dict ready for the API server, so it is tested without a cluster.
+Children: a ConfigMap with the validated spec, a headless Service for rendezvous, and an Indexed
+batch/v1 Job running one trainer pod per node.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_api import constants as c
+from finetune_api.spec import FineTuneJobSpec
+
+COMPONENT_TRAINER = "trainer"
+COMPONENT_SPEC = "spec"
+COMPONENT_RENDEZVOUS = "rendezvous"
+TRAINER_CONTAINER = "trainer"
+TRAINER_COMMAND = ["finetune", "train"]
+# Set by the Job controller on every pod of an Indexed Job.
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+# Job condition reason/type names of batch/v1 that the operator reads.
+DISRUPTION_TARGET = "DisruptionTarget"
+USER_ID = 1000
+# Writable places under a read-only root filesystem.
+TMP_DIR = "/tmp"
+SHM_DIR = "/dev/shm"
+CACHE_ENV = {
+    "HOME": f"{c.SCRATCH_DIR}/home",
+    "HF_HOME": f"{c.SCRATCH_DIR}/hf",
+    "XDG_CACHE_HOME": f"{c.SCRATCH_DIR}/cache",
+    "TRITON_CACHE_DIR": f"{c.SCRATCH_DIR}/cache/triton",
+    "TMPDIR": TMP_DIR,
+}
+# Keys of the credentials Secret (see OutputSpec.credentials_secret): (name, optional).
+CREDENTIAL_KEYS = (
+    ("AWS_ACCESS_KEY_ID", False),
+    ("AWS_SECRET_ACCESS_KEY", False),
+    ("AWS_ENDPOINT_URL", True),
+    ("AWS_REGION", True),
+)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The FineTuneJob that owns the children."""
+
+    name: str
+    namespace: str
+    uid: str
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Owner:
+        meta = body["metadata"]
+        return cls(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            labels=dict(meta.get("labels") or {}),
+            annotations=dict(meta.get("annotations") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Operator-wide inputs of the builders."""
+
+    trainer_image: str
+    propagate_prefixes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Children:
+    config_map: dict[str, Any]
+    service: dict[str, Any]
+    job: dict[str, Any]
+
+    def all(self) -> list[dict[str, Any]]:
+        return [self.config_map, self.service, self.job]
+
+
+# --- names -----------------------------------------------------------------------------------
+
+
+def job_name(owner_name: str) -> str:
+    return owner_name
+
+
+def service_name(owner_name: str) -> str:
+    return owner_name
+
+
+def config_map_name(owner_name: str) -> str:
+    return f"{owner_name}-spec"
+
+
+def master_address(owner_name: str) -> str:
+    """Indexed Job pods are named <job>-<index> as hosts, under the Service as subdomain."""
+    return f"{job_name(owner_name)}-0.{service_name(owner_name)}"
+
+
+def checkpoint_uri(output_uri: str) -> str:
+    return f"{output_uri.rstrip('/')}/{c.CHECKPOINTS_DIR}"
+
+
+# --- metadata --------------------------------------------------------------------------------
+
+
+def selector_labels(owner: Owner) -> dict[str, str]:
+    return {c.LABEL_JOB_NAME: owner.name, c.LABEL_COMPONENT: COMPONENT_TRAINER}
+
+
+def child_labels(owner: Owner, component: str) -> dict[str, str]:
+    return {c.LABEL_JOB_NAME: owner.name, c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_COMPONENT: component}
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def metadata(owner: Owner, name: str, component: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": {**(extra_labels or {}), **child_labels(owner, component)},
+        "ownerReferences": [owner_reference(owner)],
+    }
+
+
+def _propagated(items: dict[str, str], prefixes: tuple[str, ...]) -> dict[str, str]:
+    return {k: v for k, v in sorted(items.items()) if any(k.startswith(p) for p in prefixes)}
+
+
+# --- children --------------------------------------------------------------------------------
+
+
+def spec_json(spec: FineTuneJobSpec) -> str:
+    """The validated spec with every default filled in: what the trainer reads back."""
+    return json.dumps(spec.wire(), sort_keys=True, indent=2)
+
+
+def build_config_map(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(owner, config_map_name(owner.name), COMPONENT_SPEC),
+        "data": {c.SPEC_FILE_NAME: spec_json(spec)},
+    }
+
+
+def build_service(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner, service_name(owner.name), COMPONENT_RENDEZVOUS),
+        "spec": {
+            "clusterIP": "None",
+            # Rank 0's address must resolve before it is Ready: the other ranks dial it at start.
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(owner),
+            "ports": [
+                {"name": "rendezvous", "port": c.RENDEZVOUS_PORT, "targetPort": c.RENDEZVOUS_PORT},
+                {"name": "metrics", "port": c.TRAINER_METRICS_PORT, "targetPort": c.TRAINER_METRICS_PORT},
+            ],
+        },
+    }
+
+
+def _env(name: str, value: Any) -> dict[str, Any]:
+    return {"name": name, "value": str(value)}
+
+
+def build_env(owner: Owner, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    res = spec.resources
+    env: list[dict[str, Any]] = [
+        _env(c.Env.SPEC_PATH, f"{c.SPEC_MOUNT_DIR}/{c.SPEC_FILE_NAME}"),
+        _env(c.Env.JOB_NAME, owner.name),
+        _env(c.Env.NAMESPACE, owner.namespace),
+        _env(c.Env.OUTPUT_URI, spec.output.uri),
+        _env(c.Env.CHECKPOINT_URI, checkpoint_uri(spec.output.uri)),
+        _env(c.Env.METRICS_PORT, c.TRAINER_METRICS_PORT),
+        _env(c.Env.NUM_NODES, res.nodes),
+        {
+            "name": c.Env.NODE_RANK,
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}},
+        },
+        _env(c.Env.NPROC_PER_NODE, max(res.gpus_per_node, 1)),
+        _env(c.Env.MASTER_ADDR, master_address(owner.name)),
+        _env(c.Env.MASTER_PORT, c.RENDEZVOUS_PORT),
+        _env(c.Env.RDZV_TIMEOUT, spec.distributed.timeout_seconds),
+    ]
+    env += [_env(k, v) for k, v in CACHE_ENV.items()]
+    secret = spec.output.credentials_secret
+    if secret is not None:
+        # Credentials travel only as references to the user's Secret, never as values.
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key, "optional": optional}}}
+            for key, optional in CREDENTIAL_KEYS
+        ]
+    return env
+
+
+def build_resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+    res = spec.resources
+    amounts: dict[str, str] = {}
+    if res.cpu is not None:
+        amounts["cpu"] = res.cpu
+    if res.memory is not None:
+        amounts["memory"] = res.memory
+    if res.gpus_per_node > 0:
+        amounts[c.GPU_RESOURCE] = str(res.gpus_per_node)
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def build_tolerations(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    tolerations = [t.wire() for t in spec.resources.tolerations or []]
+    if spec.resources.gpus_per_node > 0:
+        gpu = {"key": c.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+        if gpu not in tolerations:
+            tolerations.append(gpu)
+    return tolerations
+
+
+def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
+    """Claims named by pvc:// URIs -> whether the trainer writes to them."""
+    claims: dict[str, bool] = {}
+    sources = [spec.model.uri, spec.model.tokenizer, spec.dataset.train, spec.dataset.validation]
+    cont = spec.objective.continual
+    if cont is not None:
+        sources += [cont.from_artifact, cont.replay.data if cont.replay else None]
+    for uri in sources:
+        if isinstance(uri, str) and uri.startswith("pvc://"):
+            claims.setdefault(uri.removeprefix("pvc://").split("/", 1)[0], False)
+    if spec.output.uri.startswith("pvc://"):
+        claims[spec.output.uri.removeprefix("pvc://").split("/", 1)[0]] = True
+    return claims
+
+
+def build_volumes(owner: Owner, spec: FineTuneJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "spec", "configMap": {"name": config_map_name(owner.name)}},
+        {"name": "scratch", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+        # NCCL and DataLoader workers share memory through /dev/shm; the default 64Mi is too small.
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "spec", "mountPath": c.SPEC_MOUNT_DIR, "readOnly": True},
+        {"name": "scratch", "mountPath": c.SCRATCH_DIR},
+        {"name": "tmp", "mountPath": TMP_DIR},
+        {"name": "shm", "mountPath": SHM_DIR},
+    ]
+    for i, (claim, writable) in enumerate(sorted(pvc_claims(spec).items())):
+        vol = f"pvc-{i}"
+        volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
+        mounts.append({"name": vol, "mountPath": f"{c.PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable})
+    return volumes, mounts
+
+
+def build_pod_failure_policy() -> dict[str, Any]:
+    return {
+        "rules": [
+            # Any other failure matches no rule and counts against backoffLimit.
+            # Bad spec, bad data, access denied: retrying cannot help.
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [c.ExitCode.PERMANENT]},
+            },
+            # Preemption, eviction, node drain: not the job's fault, not counted against backoffLimit.
+            {"action": "Ignore", "onPodConditions": [{"type": DISRUPTION_TARGET, "status": "True"}]},
+            {
+                "action": "Ignore",
+                "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [c.ExitCode.PREEMPTED]},
+            },
+        ]
+    }
+
+
+def build_pod_template(owner: Owner, spec: FineTuneJobSpec, options: BuildOptions) -> dict[str, Any]:
+    res = spec.resources
+    volumes, mounts = build_volumes(owner, spec)
+    container: dict[str, Any] = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.image or options.trainer_image,
+        "command": list(TRAINER_COMMAND),
+        "env": build_env(owner, spec),
+        "ports": [
+            {"name": "metrics", "containerPort": c.TRAINER_METRICS_PORT, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": c.RENDEZVOUS_PORT, "protocol": "TCP"},
+        ],
+        "resources": build_resources(spec),
+        "volumeMounts": mounts,
+        "terminationMessagePath": c.TERMINATION_LOG_PATH,
+        "terminationMessagePolicy": "File",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": USER_ID,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # required by podFailurePolicy; the Job controller retries
+        "subdomain": service_name(owner.name),
+        "automountServiceAccountToken": False,  # the trainer never talks to the API
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": USER_ID,
+            "runAsGroup": USER_ID,
+            "fsGroup": USER_ID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    tolerations = build_tolerations(spec)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    labels = {**_propagated(owner.labels, options.propagate_prefixes), **child_labels(owner, COMPONENT_TRAINER)}
+    template_meta: dict[str, Any] = {"labels": labels}
+    annotations = _propagated(owner.annotations, options.propagate_prefixes)
+    if annotations:
+        template_meta["annotations"] = annotations
+    return {"metadata": template_meta, "spec": pod_spec}
+
+
+def desired_suspend(spec: FineTuneJobSpec, creating: bool) -> bool | None:
+    """What .spec.suspend of the Job should be; None = leave it to Kueue.
+
+    With a queue, Kueue admits the job by unsuspending it, so the operator creates it suspended and
+    afterwards only forces suspension, never lifts it.
+    """
+    if spec.suspend:
+        return True
+    if spec.queue_name:
+        return True if creating else None
+    return False
+
+
+def build_job(owner: Owner, spec: FineTuneJobSpec, options: BuildOptions) -> dict[str, Any]:
+    nodes = spec.resources.nodes
+    extra = {c.KUEUE_QUEUE_LABEL: spec.queue_name} if spec.queue_name else None
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": spec.run_policy.backoff_limit,
+        "podFailurePolicy": build_pod_failure_policy(),
+        "suspend": bool(desired_suspend(spec, creating=True)),
+        "template": build_pod_template(owner, spec, options),
+    }
+    if spec.run_policy.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    if spec.run_policy.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(owner, job_name(owner.name), COMPONENT_TRAINER, extra),
+        "spec": job_spec,
+    }
+
+
+def build_children(owner: Owner, spec: FineTuneJobSpec, options: BuildOptions) -> Children:
+    return Children(
+        config_map=build_config_map(owner, spec),
+        service=build_service(owner),
+        job=build_job(owner, spec, options),
+    )

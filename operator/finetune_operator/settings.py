@@ -1,0 +1,113 @@
+"""Operator settings: command-line flags, with FINETUNE_OPERATOR_* environment variables as defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from finetune_api.constants import OPERATOR_HEALTH_PORT, OPERATOR_METRICS_PORT
+
+ENV_PREFIX = "FINETUNE_OPERATOR_"
+DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
+
+
+@dataclass(frozen=True)
+class Settings:
+    namespaces: tuple[str, ...] = ()
+    all_namespaces: bool = False
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    metrics_port: int = OPERATOR_METRICS_PORT
+    health_port: int = OPERATOR_HEALTH_PORT
+    # Seconds without step progress before Stalled; a job's runPolicy.stallTimeoutSeconds wins.
+    stall_timeout: float = 1800.0
+    # How often every live job is reconciled even without events (progress scraping, watchdog).
+    resync_interval: float = 10.0
+    # Timeout of one scrape of a trainer's /metrics.
+    scrape_timeout: float = 2.0
+    standalone: bool = True
+    peering: str | None = None
+    # Annotation and label keys with these prefixes are copied from the FineTuneJob onto its pods.
+    # Meant for tests and platform hooks (e.g. kwok stages, service-mesh opt-outs).
+    propagate_prefixes: tuple[str, ...] = ()
+    # Pod annotation whose value, when present, replaces http://<podIP>:<port>/metrics (tests).
+    scrape_url_annotation: str | None = None
+    # Bind address of the metrics and health servers.
+    bind_address: str = "0.0.0.0"
+
+
+def _env(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    return env.get(ENV_PREFIX + name, default)
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="finetune operator",
+        description="Run the FineTuneJob operator against the current kube context (in-cluster or kubeconfig). "
+        f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}NAMESPACE).",
+    )
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=_split(_env(env, "NAMESPACE")),
+                       help="Namespace to watch (repeatable, or comma-separated in the environment).")
+    scope.add_argument("-A", "--all-namespaces", action="store_true",
+                       default=_env(env, "ALL_NAMESPACES", "") in ("1", "true", "yes"),
+                       help="Watch every namespace (the default when no namespace is given).")
+    p.add_argument("--trainer-image", default=_env(env, "TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
+                   help="Trainer image for jobs that do not set spec.image.")
+    p.add_argument("--metrics-port", type=int, default=int(_env(env, "METRICS_PORT", str(OPERATOR_METRICS_PORT)) or 0),
+                   help="Port of the Prometheus /metrics endpoint (0 disables it).")
+    p.add_argument("--health-port", type=int, default=int(_env(env, "HEALTH_PORT", str(OPERATOR_HEALTH_PORT)) or 0),
+                   help="Port of /healthz (liveness) and /readyz (0 disables them).")
+    p.add_argument("--stall-timeout", type=float, default=float(_env(env, "STALL_TIMEOUT", "1800") or 1800),
+                   help="Seconds without step progress before a job is Stalled (runPolicy.stallTimeoutSeconds wins).")
+    p.add_argument("--resync-interval", type=float, default=float(_env(env, "RESYNC_INTERVAL", "10") or 10),
+                   help="Seconds between reconciles of a live job without events (progress, watchdog).")
+    p.add_argument("--bind-address", default=_env(env, "BIND_ADDRESS", "0.0.0.0"),
+                   help="Address the metrics and health servers listen on.")
+    peer = p.add_mutually_exclusive_group()
+    peer.add_argument("--standalone", action="store_true", default=None,
+                      help="Run without peering (one replica; the default).")
+    peer.add_argument("--peering", default=_env(env, "PEERING"),
+                      help="Kopf peering object name: replicas see each other and only one works.")
+    p.add_argument("--propagate-prefix", action="append", default=_split(_env(env, "PROPAGATE_PREFIXES")),
+                   help="Copy FineTuneJob annotations and labels with this key prefix onto the trainer pods.")
+    p.add_argument("--scrape-url-annotation", default=_env(env, "SCRAPE_URL_ANNOTATION"),
+                   help="Pod annotation that overrides the trainer metrics URL (for tests with fake pods).")
+    return p
+
+
+def parse_settings(argv: list[str], env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    args = build_parser(env).parse_args(argv)
+    namespaces = tuple(dict.fromkeys(args.namespace))
+    return Settings(
+        namespaces=() if args.all_namespaces else namespaces,
+        all_namespaces=bool(args.all_namespaces or not namespaces),
+        trainer_image=args.trainer_image,
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        stall_timeout=args.stall_timeout,
+        resync_interval=args.resync_interval,
+        standalone=args.peering is None,
+        peering=args.peering,
+        propagate_prefixes=tuple(args.propagate_prefix),
+        scrape_url_annotation=args.scrape_url_annotation,
+        bind_address=args.bind_address,
+    )
+
+
+_current: list[Settings] = [Settings()]
+
+
+def current() -> Settings:
+    """The settings the running operator was started with."""
+    return _current[0]
+
+
+def install(settings: Settings) -> None:
+    _current[0] = settings
