@@ -1,0 +1,138 @@
+{{/* Chart name, overridable. */}}
+{{- define "finetune-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart, unless the release name already contains the chart name. */}}
+{{- define "finetune-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "finetune-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels every object of the release carries. */}}
+{{- define "finetune-operator.labels" -}}
+helm.sh/chart: {{ include "finetune-operator.chart" . }}
+{{ include "finetune-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: finetune-operator
+{{- end }}
+
+{{/* Labels that select the operator pod. */}}
+{{- define "finetune-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "finetune-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "finetune-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "finetune-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* repository[:tag|@digest] from an image block; the tag defaults to the appVersion. */}}
+{{- define "finetune-operator.imageRef" -}}
+{{- $image := index . 0 }}
+{{- $root := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "finetune-operator.image" -}}
+{{- include "finetune-operator.imageRef" (list .Values.image .) }}
+{{- end }}
+
+{{- define "finetune-operator.trainerImage" -}}
+{{- include "finetune-operator.imageRef" (list .Values.trainer.image .) }}
+{{- end }}
+
+{{/* Namespaces the trainer PodMonitor looks in: its own list, else the watched ones. */}}
+{{- define "finetune-operator.trainerMonitorNamespaces" -}}
+{{- $ns := .Values.metrics.trainerPodMonitor.namespaces | default .Values.watch.namespaces }}
+{{- toJson $ns }}
+{{- end }}
+
+{{/* Ports and probe paths of the operator (finetune_api.constants, finetune_operator.settings). */}}
+{{- define "finetune-operator.metricsPort" -}}8080{{- end }}
+{{- define "finetune-operator.healthPort" -}}8081{{- end }}
+{{- define "finetune-operator.livenessPath" -}}/healthz{{- end }}
+{{- define "finetune-operator.readinessPath" -}}/readyz{{- end }}
+
+{{/* Arguments of `finetune operator` (flags of finetune_operator.settings). */}}
+{{- define "finetune-operator.args" -}}
+{{- if .Values.watch.namespaces }}
+{{- range .Values.watch.namespaces }}
+- --namespace={{ . }}
+{{- end }}
+{{- else }}
+- --all-namespaces
+{{- end }}
+- --trainer-image={{ include "finetune-operator.trainerImage" . }}
+- --metrics-port={{ include "finetune-operator.metricsPort" . }}
+- --health-port={{ include "finetune-operator.healthPort" . }}
+- --stall-timeout={{ .Values.operator.stallTimeoutSeconds }}
+- --resync-interval={{ .Values.operator.resyncIntervalSeconds }}
+- --standalone
+{{- range .Values.operator.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The operator's RBAC rules, one resource per rule (see rbac.yaml). */}}
+{{- define "finetune-operator.rules" -}}
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs/status"]
+  verbs: ["get", "patch"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
+
+{{/* PromQL of the alerts (prometheusrule.yaml). */}}
+{{- define "finetune-operator.promql.jobFailed" -}}
+sum by (namespace) (finetune_operator_jobs{phase="Failed"}) > sum by (namespace) (finetune_operator_jobs{phase="Failed"} offset 10m)
+{{- end }}
+{{- define "finetune-operator.promql.jobStalled" -}}
+changes(finetune_trainer_step[{{ .Values.prometheusRule.alerts.jobStalled.for }}]) == 0 and finetune_trainer_step < finetune_trainer_total_steps
+{{- end }}
+{{- define "finetune-operator.promql.restartsClimbing" -}}
+sum by (namespace) (increase(finetune_operator_workload_restarts_total[{{ .Values.prometheusRule.alerts.restartsClimbing.window }}])) >= {{ .Values.prometheusRule.alerts.restartsClimbing.threshold }}
+{{- end }}
+{{- define "finetune-operator.promql.operatorDown" -}}
+absent(up{job="{{ include "finetune-operator.fullname" . }}-metrics", namespace="{{ .Release.Namespace }}"} == 1)
+{{- end }}
+{{- define "finetune-operator.promql.reconcileErrors" -}}
+sum(rate(finetune_operator_reconcile_errors_total[10m])) > {{ .Values.prometheusRule.alerts.reconcileErrors.threshold }}
+{{- end }}
