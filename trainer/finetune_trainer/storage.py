@@ -15,6 +15,8 @@ Public API:
     Every failure of this module. ``permanent`` is True when retrying cannot help (no such bucket,
     access denied, not found, corrupt checkpoint); transient errors (timeouts, 5xx, connection
     refused) are retried with exponential backoff first and raised with ``permanent=False``.
+``IntegrityError(StorageError)``
+    Stored bytes differ from the manifest, or the manifest is unreadable (permanent).
 ``resolve(uri) -> (fs, path)``
     The fsspec filesystem and the path inside it.
 ``fetch(uri, local_dir) -> Path``
@@ -96,6 +98,13 @@ class StorageError(Exception):
         self.permanent = permanent
 
 
+class IntegrityError(StorageError):
+    """Stored bytes do not match their manifest (or the manifest is unreadable): a damaged prefix."""
+
+    def __init__(self, message: str, *, uri: str) -> None:
+        super().__init__(message, uri=uri, permanent=True)
+
+
 def _scrub(text: str) -> str:
     """Remove credential values from a text (defence in depth: error texts come from libraries)."""
     for name in StorageEnv.SECRETS:
@@ -162,6 +171,11 @@ def _join(uri: str, *parts: str) -> str:
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def is_local(uri: str) -> bool:
+    """True for file://, pvc:// and plain paths (read in place, never copied)."""
+    return _is_local(resolve(uri)[0])
 
 
 # --- Errors and retries ------------------------------------------------------------------
@@ -267,9 +281,7 @@ def read_manifest(uri: str) -> Manifest | None:
     try:
         return Manifest.model_validate_json(data)
     except ValueError as exc:
-        raise StorageError(
-            f"{_join(uri, MANIFEST_FILE)} is not a valid manifest: {exc}", uri=uri, permanent=True
-        ) from None
+        raise IntegrityError(f"{_join(uri, MANIFEST_FILE)} is not a valid manifest: {exc}", uri=uri) from None
 
 
 def _check_bucket(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> None:
@@ -406,11 +418,10 @@ def verify(uri: str) -> Manifest:
 
         sha, size = _retry("verify", file_uri, digest)
         if sha != entry.sha256 or size != entry.size_bytes:
-            raise StorageError(
+            raise IntegrityError(
                 f"{file_uri}: sha256/size mismatch (manifest {entry.sha256[:12]}…/{entry.size_bytes} B, "
                 f"stored {sha[:12]}…/{size} B)",
                 uri=file_uri,
-                permanent=True,
             )
     return manifest
 
@@ -469,9 +480,7 @@ def _verify_local(manifest: Manifest, local_dir: Path, uri: str) -> None:
     for entry in manifest.files:
         path = local_dir / entry.path
         if not path.is_file() or path.stat().st_size != entry.size_bytes or sha256_file(path) != entry.sha256:
-            raise StorageError(
-                f"{_join(uri, entry.path)}: download does not match the manifest", uri=uri, permanent=False
-            )
+            raise IntegrityError(f"{_join(uri, entry.path)}: download does not match the manifest", uri=uri)
 
 
 # --- Checkpoints -------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""Checkpoints in object storage, preemption and resume.
+
+HF Trainer writes ``<output_dir>/checkpoint-N`` (model or adapter, optimizer, scheduler, RNG
+state, trainer_state.json, which holds the data position); this module makes those durable and
+resumable:
+
+``CheckpointSync(checkpoints_uri, keep)``
+    A ``TrainerCallback``. On every ``on_save`` it publishes the fresh local ``checkpoint-N`` to
+    ``<checkpoints_uri>/step-N/`` (kind "checkpoint", manifest last) and prunes to the newest
+    ``keep``. It also installs a SIGTERM handler: on SIGTERM (preemption, eviction, node drain) the
+    Trainer saves a checkpoint and stops at the next optimizer-step boundary; afterwards
+    ``sync.preempted`` is True and the caller exits with ``ExitCode.PREEMPTED`` (see
+    ``exit_code``). ``sync.last_checkpoint`` is the status's ``lastCheckpoint``.
+``restore_latest(checkpoints_uri, local_dir) -> Path | None``
+    A local copy of the newest COMPLETE, intact checkpoint, for
+    ``trainer.train(resume_from_checkpoint=...)``; None when there is none.
+
+Usage in a recipe::
+
+    sync = CheckpointSync(checkpoints_uri, keep=spec.checkpointing.keep)
+    trainer = Trainer(..., args=TrainingArguments(save_strategy="steps", save_steps=N, ...),
+                      callbacks=[sync])
+    resume = restore_latest(checkpoints_uri, scratch / "resume") if resume_auto else None
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if sync.preempted:
+        return ExitCode.PREEMPTED  # do not publish the artifact of an unfinished run
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from finetune_api.constants import ExitCode
+from finetune_api.status import Checkpoint
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from . import storage
+
+log = logging.getLogger(__name__)
+
+# Set by the SIGTERM handler, read at each step boundary. Module-level: one process, one signal.
+_sigterm = threading.Event()
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Only a flag: saving from inside a signal handler would race the training step.
+    _sigterm.set()
+
+
+def install_sigterm_handler() -> None:
+    """Turn SIGTERM into 'checkpoint at the next step boundary, then stop' (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def sigterm_received() -> bool:
+    return _sigterm.is_set()
+
+
+class CheckpointSync(TrainerCallback):
+    """Publish each HF checkpoint to object storage (manifest last), prune, and stop on SIGTERM."""
+
+    def __init__(self, checkpoints_uri: str, keep: int, *, handle_sigterm: bool = True) -> None:
+        self.checkpoints_uri = checkpoints_uri.rstrip("/")
+        self.keep = keep
+        self.preempted = False
+        self.last_checkpoint: Checkpoint | None = None
+        if handle_sigterm:
+            install_sigterm_handler()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        if _sigterm.is_set() and not self.preempted:
+            log.warning("SIGTERM received: saving a checkpoint at step %d and stopping", state.global_step)
+            self.preempted = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        if not state.is_world_process_zero:
+            return control
+        step = state.global_step
+        local = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        uri = storage.checkpoint_uri(self.checkpoints_uri, step)
+        storage.publish(local, uri, kind="checkpoint", step=step)
+        self.last_checkpoint = Checkpoint(step=step, uri=uri, time=datetime.now(UTC))
+        storage.prune_checkpoints(self.checkpoints_uri, self.keep)
+        log.info("checkpoint step %d published to %s", step, uri)
+        return control
+
+    def exit_code(self) -> int:
+        """ExitCode.PREEMPTED after a SIGTERM stop (checkpoint saved), else SUCCESS."""
+        return ExitCode.PREEMPTED if self.preempted else ExitCode.SUCCESS
+
+
+def latest_checkpoint(checkpoints_uri: str) -> Checkpoint | None:
+    """The newest complete checkpoint in storage, for status (time = manifest's creation time)."""
+    complete = storage.list_complete_checkpoints(checkpoints_uri)
+    if not complete:
+        return None
+    step, uri = complete[-1]
+    manifest = storage.read_manifest(uri)
+    return Checkpoint(step=step, uri=uri, time=manifest.created_at if manifest else None)
+
+
+def restore_latest(checkpoints_uri: str, local_dir: Path) -> Path | None:
+    """A local, verified copy of the newest complete checkpoint; older ones if the newest is damaged."""
+    for step, uri in reversed(storage.list_complete_checkpoints(checkpoints_uri)):
+        try:
+            if storage.is_local(uri):
+                storage.verify(uri)  # remote fetches are verified against the manifest as they land
+            path = storage.fetch(uri, Path(local_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        except storage.IntegrityError as exc:
+            log.warning("checkpoint step %d at %s is damaged (%s); trying an older one", step, uri, exc)
+            continue
+        log.info("resuming from checkpoint step %d (%s)", step, uri)
+        return path
+    return None
+
+
+__all__ = [
+    "CheckpointSync",
+    "install_sigterm_handler",
+    "latest_checkpoint",
+    "restore_latest",
+    "sigterm_received",
+]
