@@ -1,0 +1,105 @@
+"""Kopf handlers: thin and typed; every one delegates to Controller.reconcile.
+
+The Controller lives in kopf's memo (set by cli.main). Handlers are synchronous, so kopf runs them
+in its thread pool; the Controller serialises work per FineTuneJob.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import kopf
+from finetune_api import constants as c
+from kubernetes.client.exceptions import ApiException
+
+from .controller import Controller
+from .k8s import ChildConflict
+from .metrics import Health
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+RETRY_DELAY = 2.0
+
+
+def _controller(memo: kopf.Memo) -> Controller:
+    return memo["controller"]  # type: ignore[no-any-return]
+
+
+def _reconcile(memo: kopf.Memo, namespace: str | None, name: str | None) -> None:
+    if not namespace or not name:
+        return
+    try:
+        _controller(memo).reconcile(namespace, name)
+    except ChildConflict as exc:
+        raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY * 2) from exc
+    except ApiException as exc:
+        raise kopf.TemporaryError(f"API error {exc.status} {exc.reason}", delay=RETRY_DELAY) from exc
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Kopf's bookkeeping goes into annotations under our group; status belongs to the API model.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=c.GROUP, key="last-handled-configuration")
+    # Our own Events tell the story; kopf's would only add "Handler succeeded" noise.
+    settings.posting.level = logging.WARNING
+    settings.networking.request_timeout = 30
+    settings.watching.server_timeout = 60
+    stop = threading.Event()
+    memo["stop"] = stop
+    thread = threading.Thread(target=_resync_loop, args=(memo, stop), name="resync", daemon=True)
+    thread.start()
+    health: Health = memo["health"]
+    health.ready.set()
+
+
+@kopf.on.cleanup()
+def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    stop = memo.get("stop")
+    if stop is not None:
+        stop.set()
+
+
+def _resync_loop(memo: kopf.Memo, stop: threading.Event) -> None:
+    """Requeue every live job periodically: progress scraping and the stall watchdog need no event."""
+    settings: Settings = memo["settings"]
+    health: Health = memo["health"]
+    namespaces: list[str | None] = [None] if settings.all_namespaces else list(settings.namespaces)
+    while not stop.wait(settings.resync_interval):
+        health.tick()
+        try:
+            _controller(memo).resync(namespaces)
+        except Exception:
+            log.exception("resync failed")
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    return kopf.login_via_client(**kwargs)
+
+
+@kopf.on.create(c.GROUP, c.VERSION, c.PLURAL, backoff=RETRY_DELAY)
+@kopf.on.resume(c.GROUP, c.VERSION, c.PLURAL, backoff=RETRY_DELAY)
+@kopf.on.update(c.GROUP, c.VERSION, c.PLURAL, backoff=RETRY_DELAY)
+def finetunejob_changed(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(memo, namespace, name)
+
+
+@kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
+def finetunejob_event(type: str | None, namespace: str | None, name: str | None, memo: kopf.Memo,
+                      **_: Any) -> None:
+    if type == "DELETED" and namespace and name:
+        _controller(memo).forget(namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
+def owned_job_event(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(memo, namespace, labels.get(c.LABEL_JOB_NAME))
+
+
+@kopf.on.event("v1", "pods", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
+def owned_pod_event(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(memo, namespace, labels.get(c.LABEL_JOB_NAME))

@@ -1,0 +1,174 @@
+"""The one module that talks to the Kubernetes API (the official client, synchronous).
+
+Reads return plain dicts in the wire form (camelCase), as the builders and status code expect.
+Creation is create-or-get with deterministic names: a retry, or an operator that died between
+two calls, finds what it created before instead of creating it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from datetime import UTC, datetime
+from typing import Any
+
+import kubernetes
+from finetune_api import constants as c
+from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger(__name__)
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class ChildConflict(RuntimeError):
+    """A child with our deterministic name exists but belongs to someone else (e.g. a deleted job)."""
+
+
+def load_config() -> None:
+    """In-cluster service account, else the kubeconfig ($KUBECONFIG or ~/.kube/config)."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+
+
+def _raw(resp: Any) -> dict[str, Any]:
+    return dict(json.loads(resp.data))
+
+
+class Kube:
+    def __init__(self, api_client: Any | None = None) -> None:
+        self.client = api_client or kubernetes.client.ApiClient()
+        self.core = kubernetes.client.CoreV1Api(self.client)
+        self.batch = kubernetes.client.BatchV1Api(self.client)
+        self.custom = kubernetes.client.CustomObjectsApi(self.client)
+        self.instance = socket.gethostname()
+
+    # --- FineTuneJobs --------------------------------------------------------------------
+
+    def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _raw(self.custom.get_namespaced_custom_object(
+                c.GROUP, c.VERSION, namespace, c.PLURAL, name, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list_ftjs(self, namespace: str | None) -> list[dict[str, Any]]:
+        if namespace is None:
+            resp = self.custom.list_cluster_custom_object(c.GROUP, c.VERSION, c.PLURAL, _preload_content=False)
+        else:
+            resp = self.custom.list_namespaced_custom_object(
+                c.GROUP, c.VERSION, namespace, c.PLURAL, _preload_content=False)
+        return list(_raw(resp).get("items") or [])
+
+    def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        # Merge patch of the status subresource: only the operator writes status.
+        self.custom.patch_namespaced_custom_object_status(
+            c.GROUP, c.VERSION, namespace, c.PLURAL, name, {"status": status},
+            _content_type=MERGE_PATCH, _preload_content=False)
+
+    def annotate_ftj(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            c.GROUP, c.VERSION, namespace, c.PLURAL, name, {"metadata": {"annotations": annotations}},
+            _content_type=MERGE_PATCH, _preload_content=False)
+
+    # --- children --------------------------------------------------------------------------
+
+    def _create(self, obj: dict[str, Any]) -> Any:
+        ns = obj["metadata"]["namespace"]
+        kind = obj["kind"]
+        if kind == "ConfigMap":
+            return self.core.create_namespaced_config_map(ns, obj, _preload_content=False)
+        if kind == "Service":
+            return self.core.create_namespaced_service(ns, obj, _preload_content=False)
+        if kind == "Job":
+            return self.batch.create_namespaced_job(ns, obj, _preload_content=False)
+        raise ValueError(f"unsupported kind {kind}")
+
+    def _read(self, kind: str, namespace: str, name: str) -> Any:
+        if kind == "ConfigMap":
+            return self.core.read_namespaced_config_map(name, namespace, _preload_content=False)
+        if kind == "Service":
+            return self.core.read_namespaced_service(name, namespace, _preload_content=False)
+        if kind == "Job":
+            return self.batch.read_namespaced_job(name, namespace, _preload_content=False)
+        raise ValueError(f"unsupported kind {kind}")
+
+    def ensure(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create the child, or adopt the one that is there already. Returns (object, created)."""
+        meta = obj["metadata"]
+        try:
+            return _raw(self._create(obj)), True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = _raw(self._read(obj["kind"], meta["namespace"], meta["name"]))
+        want_uid = meta["ownerReferences"][0]["uid"]
+        owners = {ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []}
+        if want_uid not in owners:
+            raise ChildConflict(
+                f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not owned by this FineTuneJob "
+                f"(owners {sorted(o for o in owners if o)}); waiting for it to go away")
+        return existing, False
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _raw(self.batch.read_namespaced_job(name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
+        return _raw(self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}},
+                                                    _content_type=MERGE_PATCH, _preload_content=False))
+
+    def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
+        label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        resp = self.core.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False)
+        return list(_raw(resp).get("items") or [])
+
+    def restart_pod(self, namespace: str, name: str, reason: str) -> None:
+        """Evict a pod (a disruption, not a failure), after noting why on it."""
+        from .status import RESTART_REASON_ANNOTATION
+
+        self.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": {RESTART_REASON_ANNOTATION: reason}}},
+                                       _content_type=MERGE_PATCH, _preload_content=False)
+        body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": namespace}}
+        try:
+            self.core.create_namespaced_pod_eviction(name, namespace, body, _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    # --- events ----------------------------------------------------------------------------
+
+    def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = body["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": c.API_VERSION, "kind": c.KIND, "name": meta["name"],
+                "namespace": meta["namespace"], "uid": meta["uid"],
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": {"component": c.MANAGED_BY},
+            "reportingComponent": c.MANAGED_BY,
+            "reportingInstance": self.instance,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False)
+        except ApiException as exc:  # events are best effort; status is the record
+            log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason)
