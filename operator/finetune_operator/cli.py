@@ -10,6 +10,7 @@ import kopf
 from . import handlers  # noqa: F401  (registers the handlers with kopf)
 from .controller import Controller
 from .k8s import Kube, load_config
+from .leader import LeaderElector
 from .metrics import Health, OperatorMetrics
 from .settings import Settings, install, parse_settings
 
@@ -24,13 +25,17 @@ def run(settings: Settings) -> None:
     health = Health(max_silence=max(60.0, settings.resync_interval * 6))
     if settings.health_port:
         health.serve(settings.health_port, settings.bind_address)
+    if settings.leader_elect:
+        elector = LeaderElector(settings.leader_election_namespace, settings.leader_election_name,
+                                settings.lease_duration)
+        elector.acquire()
+        elector.keep_renewing()
     controller = Controller(Kube(), settings, metrics)
     memo = kopf.Memo(controller=controller, settings=settings, health=health, metrics=metrics)
     kopf.run(
         clusterwide=settings.all_namespaces,
         namespaces=list(settings.namespaces),
-        standalone=settings.standalone,
-        peering_name=settings.peering,
+        standalone=True,  # no Kopf peering: leader election (above) keeps other replicas idle
         memo=memo,
     )
 

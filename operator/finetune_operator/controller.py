@@ -150,7 +150,9 @@ class Controller:
                 self.kube.annotate_ftj(namespace, name, {STALL_RESTARTS_ANNOTATION: str(done + 1)})
                 for pod in running:
                     self.kube.restart_pod(namespace, pod["metadata"]["name"], reason)
-                self.kube.event(body, "Warning", c.Reason.RESTARTED, f"restarting the workload: {reason}")
+                # Evicted pods may vanish before they are seen failed: count the restart here.
+                new.restarts += 1
+                new.last_restart_reason = reason
                 self._watch.pop(key, None)
         self._write(body, prev, new, key)
 

@@ -26,8 +26,11 @@ class Settings:
     resync_interval: float = 10.0
     # Timeout of one scrape of a trainer's /metrics.
     scrape_timeout: float = 2.0
-    standalone: bool = True
-    peering: str | None = None
+    # Several replicas, one active: a coordination.k8s.io Lease decides which.
+    leader_elect: bool = False
+    leader_election_namespace: str = "default"
+    leader_election_name: str = "finetune-operator"
+    lease_duration: float = 15.0
     # Annotation and label keys with these prefixes are copied from the FineTuneJob onto its pods.
     # Meant for tests and platform hooks (e.g. kwok stages, service-mesh opt-outs).
     propagate_prefixes: tuple[str, ...] = ()
@@ -69,11 +72,19 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="Seconds between reconciles of a live job without events (progress, watchdog).")
     p.add_argument("--bind-address", default=_env(env, "BIND_ADDRESS", "0.0.0.0"),
                    help="Address the metrics and health servers listen on.")
-    peer = p.add_mutually_exclusive_group()
-    peer.add_argument("--standalone", action="store_true", default=None,
-                      help="Run without peering (one replica; the default).")
-    peer.add_argument("--peering", default=_env(env, "PEERING"),
-                      help="Kopf peering object name: replicas see each other and only one works.")
+    ha = p.add_mutually_exclusive_group()
+    ha.add_argument("--standalone", action="store_true", default=False,
+                    help="One replica, no leader election (the default).")
+    ha.add_argument("--leader-elect", action="store_true",
+                    default=_env(env, "LEADER_ELECT", "") in ("1", "true", "yes"),
+                    help="Run several replicas: only the holder of a Lease works, the others wait.")
+    p.add_argument("--leader-election-namespace",
+                   default=_env(env, "LEADER_ELECTION_NAMESPACE", env.get("POD_NAMESPACE")),
+                   help="Namespace of the Lease (default: $POD_NAMESPACE, else the first watched namespace).")
+    p.add_argument("--leader-election-name", default=_env(env, "LEADER_ELECTION_NAME", "finetune-operator"),
+                   help="Name of the Lease.")
+    p.add_argument("--lease-duration", type=float, default=float(_env(env, "LEASE_DURATION", "15") or 15),
+                   help="Seconds a leader's Lease lasts without renewal.")
     p.add_argument("--propagate-prefix", action="append", default=_split(_env(env, "PROPAGATE_PREFIXES")),
                    help="Copy FineTuneJob annotations and labels with this key prefix onto the trainer pods.")
     p.add_argument("--scrape-url-annotation", default=_env(env, "SCRAPE_URL_ANNOTATION"),
@@ -93,8 +104,10 @@ def parse_settings(argv: list[str], env: Mapping[str, str] | None = None) -> Set
         health_port=args.health_port,
         stall_timeout=args.stall_timeout,
         resync_interval=args.resync_interval,
-        standalone=args.peering is None,
-        peering=args.peering,
+        leader_elect=bool(args.leader_elect and not args.standalone),
+        leader_election_namespace=args.leader_election_namespace or (namespaces[0] if namespaces else "default"),
+        leader_election_name=args.leader_election_name,
+        lease_duration=args.lease_duration,
         propagate_prefixes=tuple(args.propagate_prefix),
         scrape_url_annotation=args.scrape_url_annotation,
         bind_address=args.bind_address,

@@ -259,8 +259,9 @@ def compute_status(
     status.start_time = status.start_time or parse_time(jstatus.get("startTime"))
 
     pods = sorted(seen.pods, key=_finished_at)
-    failed = [p for p in pods if _phase(p) == "Failed"]
-    disrupted = [p for p in failed if is_disrupted(p)]
+    # Disrupted pods (preempted, evicted) may be deleted soon after; count them while terminating too.
+    disrupted = [p for p in pods if is_disrupted(p)]
+    failed = [p for p in pods if _phase(p) == "Failed" or p in disrupted]
     counted = max(int(jstatus.get("failed") or 0), len(failed) - len(disrupted))
 
     # Progress and metrics: scraped while running; the termination message has the last word.
