@@ -100,12 +100,18 @@ class Kube:
     def ensure(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Create the child, or adopt the one that is there already. Returns (object, created)."""
         meta = obj["metadata"]
+        # Read first: after the first reconcile every child exists, and a read is the cheap path.
         try:
-            return _raw(self._create(obj)), True
+            existing = _raw(self._read(obj["kind"], meta["namespace"], meta["name"]))
         except ApiException as exc:
-            if exc.status != 409:
+            if exc.status != 404:
                 raise
-        existing = _raw(self._read(obj["kind"], meta["namespace"], meta["name"]))
+            try:
+                return _raw(self._create(obj)), True
+            except ApiException as exc2:
+                if exc2.status != 409:  # created by a twin since we looked: adopt it below
+                    raise
+            existing = _raw(self._read(obj["kind"], meta["namespace"], meta["name"]))
         want_uid = meta["ownerReferences"][0]["uid"]
         owners = {ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []}
         if want_uid not in owners:

@@ -277,8 +277,8 @@ def test_operator_killed_during_creation_converges_without_duplicates(
     try:
         for name in names:
             cluster.apply(manifest(name, namespace))
-            op.start(wait_ready=False)
-            time.sleep(rng.uniform(0.5, 3.5))
+            op.start()  # ready: handlers are about to run; kill it somewhere in the next 1.5 s
+            time.sleep(rng.uniform(0.0, 1.5))
             op.kill()
         op.start()
         for name in names:
