@@ -122,7 +122,12 @@ def _s3_filesystem() -> fsspec.AbstractFileSystem:
 
     env = os.environ
     client_kwargs: dict[str, Any] = {}
-    config_kwargs: dict[str, Any] = {"connect_timeout": 10, "read_timeout": 60}
+    # botocore retries little: this module's RETRY is the one policy, with a known total window.
+    config_kwargs: dict[str, Any] = {
+        "connect_timeout": 10,
+        "read_timeout": 60,
+        "retries": {"mode": "standard", "max_attempts": 2},
+    }
     if env.get(StorageEnv.REGION):
         client_kwargs["region_name"] = env[StorageEnv.REGION]
     endpoint = env.get(StorageEnv.ENDPOINT_URL) or None
@@ -136,9 +141,9 @@ def _s3_filesystem() -> fsspec.AbstractFileSystem:
         endpoint_url=endpoint,
         client_kwargs=client_kwargs,
         config_kwargs=config_kwargs,
+        # Never serve a stale listing: completeness is decided by what is there now. Instances are
+        # cached by fsspec per (credentials, endpoint), so changed credentials get a new client.
         use_listings_cache=False,
-        # A fresh client per call: credentials may change between calls (tests, rotated Secrets).
-        skip_instance_cache=True,
     )
 
 
@@ -338,6 +343,7 @@ def publish(
         _retry(
             "upload to", _join(dest_uri, rel), lambda p=path, t=target: fs.put_file(str(p), t, **put_kwargs)
         )
+        log.debug("uploaded %s", _join(dest_uri, rel))
 
     # Every file must be there, at its full size, before the manifest says the prefix is complete.
     def check_uploaded() -> None:
