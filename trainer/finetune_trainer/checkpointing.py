@@ -8,9 +8,12 @@ resumable:
     A ``TrainerCallback``. On every ``on_save`` it publishes the fresh local ``checkpoint-N`` to
     ``<checkpoints_uri>/step-N/`` (kind "checkpoint", manifest last) and prunes to the newest
     ``keep``. It also installs a SIGTERM handler: on SIGTERM (preemption, eviction, node drain) the
-    Trainer saves a checkpoint and stops at the next optimizer-step boundary; afterwards
-    ``sync.preempted`` is True and the caller exits with ``ExitCode.PREEMPTED`` (see
-    ``exit_code``). ``sync.last_checkpoint`` is the status's ``lastCheckpoint``.
+    Trainer saves a checkpoint at the next optimizer-step boundary; once it is published the
+    callback writes the termination message (outcome "preempted", lastCheckpoint) and raises
+    ``SystemExit(ExitCode.PREEMPTED)``, so nothing after ``trainer.train`` runs for an unfinished
+    run. ``sync.last_checkpoint`` is the status's ``lastCheckpoint``.
+``checkpoint_callbacks(spec, checkpoints_uri)``
+    ``[CheckpointSync(checkpoints_uri, spec.checkpointing.keep)]``, for recipes/base.py.
 ``restore_latest(checkpoints_uri, local_dir) -> Path | None``
     A local copy of the newest COMPLETE, intact checkpoint, for
     ``trainer.train(resume_from_checkpoint=...)``; None when there is none.
@@ -21,9 +24,7 @@ Usage in a recipe::
     trainer = Trainer(..., args=TrainingArguments(save_strategy="steps", save_steps=N, ...),
                       callbacks=[sync])
     resume = restore_latest(checkpoints_uri, scratch / "resume") if resume_auto else None
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if sync.preempted:
-        return ExitCode.PREEMPTED  # do not publish the artifact of an unfinished run
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)  # SystemExit(43) on SIGTERM
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from types import FrameType
 from typing import Any
 
 from finetune_api.constants import ExitCode
+from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import Checkpoint
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -88,20 +90,42 @@ class CheckpointSync(TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
-        if not state.is_world_process_zero:
-            return control
-        step = state.global_step
-        local = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        uri = storage.checkpoint_uri(self.checkpoints_uri, step)
-        storage.publish(local, uri, kind="checkpoint", step=step)
-        self.last_checkpoint = Checkpoint(step=step, uri=uri, time=datetime.now(UTC))
-        storage.prune_checkpoints(self.checkpoints_uri, self.keep)
-        log.info("checkpoint step %d published to %s", step, uri)
+        if state.is_world_process_zero:
+            step = state.global_step
+            local = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            uri = storage.checkpoint_uri(self.checkpoints_uri, step)
+            storage.publish(local, uri, kind="checkpoint", step=step)
+            self.last_checkpoint = Checkpoint(step=step, uri=uri, time=datetime.now(UTC))
+            storage.prune_checkpoints(self.checkpoints_uri, self.keep)
+            log.info("checkpoint step %d published to %s", step, uri)
+        if self.preempted:
+            self._exit_preempted()
         return control
 
-    def exit_code(self) -> int:
-        """ExitCode.PREEMPTED after a SIGTERM stop (checkpoint saved), else SUCCESS."""
-        return ExitCode.PREEMPTED if self.preempted else ExitCode.SUCCESS
+    def _exit_preempted(self) -> None:
+        """Leave at once with ExitCode.PREEMPTED: the rest of the recipe (evaluation, publishing the
+        artifact of an unfinished run) must not happen. Every rank leaves the same way."""
+        from finetune_api.constants import Reason
+        from finetune_api.status import TerminationMessage
+
+        from . import termination
+
+        if self.last_checkpoint is not None:
+            termination.write(
+                TerminationMessage(
+                    outcome="preempted",
+                    reason=Reason.PREEMPTED,
+                    message=f"stopped on SIGTERM after saving checkpoint step {self.last_checkpoint.step} "
+                    f"to {self.last_checkpoint.uri}",
+                    last_checkpoint=self.last_checkpoint,
+                )
+            )
+        raise SystemExit(ExitCode.PREEMPTED)
+
+
+def checkpoint_callbacks(spec: FineTuneJobSpec, checkpoints_uri: str) -> list[TrainerCallback]:
+    """What a recipe adds to its Trainer's callbacks (recipes/base.py wires it)."""
+    return [CheckpointSync(checkpoints_uri, keep=spec.checkpointing.keep)]
 
 
 def latest_checkpoint(checkpoints_uri: str) -> Checkpoint | None:
@@ -131,6 +155,7 @@ def restore_latest(checkpoints_uri: str, local_dir: Path) -> Path | None:
 
 __all__ = [
     "CheckpointSync",
+    "checkpoint_callbacks",
     "install_sigterm_handler",
     "latest_checkpoint",
     "restore_latest",
