@@ -192,3 +192,124 @@ def generation_metrics(
         metrics["win_rate_ties"] = float(result.ties)
         metrics["win_rate_losses"] = float(result.losses)
     return metrics
+
+
+# --- Held-out generation evaluation for a recipe -------------------------------------------
+
+GENERATION_METRICS = ("bleu", "rouge", "win_rate", "accuracy", "f1")
+
+
+class GenerationEval:
+    """Answers held-out prompts with the base model (before training) and the tuned model (after),
+    and scores them as `evaluation.metrics` asks (bleu, rouge, win_rate, accuracy, f1).
+
+    A no-op when the spec asks for none of these or `evaluation.generationSamples` is 0.
+    """
+
+    def __init__(
+        self,
+        spec: Any,
+        tokenizer: Any,
+        prompts: Sequence[str],
+        references: Sequence[str],
+        labels: Sequence[str] | None = None,
+        judge: Judge | None = None,
+    ) -> None:
+        ev = spec.evaluation
+        self.wanted = [m for m in ev.metrics if m in GENERATION_METRICS]
+        n = min(ev.generation_samples, len(prompts))
+        if not self.wanted or n == 0:
+            self.wanted, n = [], 0
+        self.prompts = list(prompts[:n])
+        self.references = list(references[:n])
+        self.labels = list(labels[:n]) if labels is not None else self.references
+        self.tokenizer = tokenizer
+        self.max_new_tokens = ev.max_new_tokens
+        self.judge = judge
+        self.base_answers: list[str] | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.wanted)
+
+    @classmethod
+    def from_preference(cls, spec: Any, tokenizer: Any, data: Any, judge: Judge | None = None) -> GenerationEval:
+        """Held-out preference pairs: the prompt, and the chosen answer as the reference."""
+        from ..preference import answer_text, prompt_text
+
+        held = data.eval
+        return cls(
+            spec,
+            tokenizer,
+            [prompt_text(p, tokenizer) for p in held["prompt"]],
+            [answer_text(c) for c in held["chosen"]],
+            judge=judge,
+        )
+
+    @classmethod
+    def from_records(
+        cls, spec: Any, tokenizer: Any, records: Sequence[dict[str, Any]], judge: Judge | None = None
+    ) -> GenerationEval:
+        """Held-out canonical records of an SFT format: the prompt and the reference answer (the
+        label column, when the data has one, is the gold label for accuracy/f1)."""
+        prompts, refs, labels = [], [], []
+        for rec in records:
+            pair = prompt_and_reference(rec, spec.dataset.format, tokenizer)
+            if pair is None:
+                continue
+            prompts.append(pair[0])
+            refs.append(pair[1])
+            labels.append(str(rec.get("label", pair[1])))
+        return cls(spec, tokenizer, prompts, refs, labels, judge=judge)
+
+    def _answer(self, model: Any) -> list[str]:
+        return generate_answers(model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens)
+
+    def answer_base(self, model: Any) -> None:
+        """The base model's answers; call before training (PEFT adapters are disabled)."""
+        if not self.active or "win_rate" not in self.wanted:
+            return
+        import contextlib
+
+        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with ctx:
+            self.base_answers = self._answer(model)
+
+    def score_tuned(self, model: Any) -> dict[str, float]:
+        """The requested metrics of the tuned model's answers (flat metrics.json keys)."""
+        if not self.active:
+            return {}
+        from .classification import classification_metrics
+
+        answers = self._answer(model)
+        metrics = generation_metrics(
+            [m for m in self.wanted if m in ("bleu", "rouge", "win_rate")],
+            self.prompts,
+            self.references,
+            answers,
+            self.base_answers,
+            self.judge,
+        )
+        if "accuracy" in self.wanted or "f1" in self.wanted:
+            cls_metrics = classification_metrics(answers, self.labels)
+            metrics.update({k: v for k, v in cls_metrics.items() if k in self.wanted})
+        metrics["generationSamples"] = float(len(self.prompts))
+        return metrics
+
+
+def prompt_and_reference(rec: dict[str, Any], fmt: str, tokenizer: Any) -> tuple[str, str] | None:
+    """(prompt text, reference answer) of one canonical SFT record; None for format text."""
+    if fmt == "prompt_completion":
+        return rec["prompt"], rec["completion"]
+    if fmt == "alpaca":
+        from ..data import alpaca_prompt
+
+        return alpaca_prompt(rec["instruction"], rec.get("input", "")), rec["output"]
+    if fmt == "messages":
+        messages = rec["messages"]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            return None
+        prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        return str(prompt), messages[last]["content"]
+    return None

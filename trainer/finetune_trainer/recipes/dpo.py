@@ -1,0 +1,173 @@
+"""Direct preference optimisation (objective dpo) with TRL's DPOTrainer, for every method.
+
+setup: model + tokenizer, checked preference pairs (preference.py), the method's PEFT config.
+train: DPOTrainer with beta / loss type / label smoothing from objective.preference. With a PEFT
+       method the trainer wraps the base model itself and scores the reference with the adapter
+       disabled, so there is no second copy of the model; full fine-tuning keeps a frozen copy.
+       Held-out pairs are evaluated before and after: DPO reward margin and preference accuracy.
+save:  adapter or full model + tokenizer (+ merged/), metrics for metrics.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_api.spec import FineTuneJobSpec
+
+from .. import config, methods, models, preference
+from ..errors import ConfigError
+from . import RecipeContext, RecipeResult, base
+from . import sft as sft_recipe
+
+log = logging.getLogger(__name__)
+
+#: TrainingArguments the core decides once in config.sft_config (fp32 on CPU, no checkpointing
+#: unless asked, logging, checkpoints); the preference recipes copy them into their own configs.
+SHARED_ARGS = (
+    "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "optim",
+    "max_grad_norm", "gradient_checkpointing", "seed", "data_seed", "bf16", "fp16", "use_cpu", "logging_steps",
+    "logging_strategy", "disable_tqdm", "save_strategy", "save_steps", "save_total_limit", "eval_strategy",
+    "eval_steps", "dataloader_num_workers", "save_only_model", "include_num_input_tokens_seen", "fsdp",
+    "fsdp_config", "deepspeed", "ddp_timeout",
+)
+
+
+def shared_args(
+    spec: FineTuneJobSpec, output_dir: Path, precision: config.Precision, max_steps: int | None, has_eval: bool = True
+) -> dict[str, Any]:
+    """The core's TrainingArguments choices, as kwargs for any TRL config class."""
+    sft_args = config.sft_config(spec, output_dir, precision, max_steps=max_steps, has_eval=has_eval)
+    out: dict[str, Any] = {"report_to": "none"}
+    for name in SHARED_ARGS:
+        value = getattr(sft_args, name, None)
+        if value is not None and value != "" and value != []:
+            out[name] = value
+    return out
+
+
+@dataclass
+class Setup:
+    spec: FineTuneJobSpec
+    precision: config.Precision
+    loaded: models.LoadedModel
+    data: preference.PreferenceData
+    peft_config: Any | None
+
+
+def setup(ctx: RecipeContext) -> Setup:
+    from transformers import set_seed
+
+    spec = ctx.spec
+    precision = config.resolve_precision(spec)
+    pairs = preference.load_preference(spec.dataset, ctx.workdir, spec.hyperparameters.seed)
+    loaded = models.load_model(spec, precision, ctx.workdir)
+    total = ctx.max_steps or config.total_steps_hint(spec, len(pairs.train))
+    tokenizer_dir = ctx.workdir / "tokenizer"
+    loaded.tokenizer.save_pretrained(tokenizer_dir)
+    peft_cfg = methods.peft_config(spec, total_steps=total, tokenizer_path=str(tokenizer_dir))
+    set_seed(spec.hyperparameters.seed)
+    if peft_cfg is None:
+        methods.apply(loaded.model, None)
+    return Setup(spec, precision, loaded, pairs, peft_cfg)
+
+
+def dpo_config(ctx: RecipeContext, s: Setup) -> Any:
+    from trl import DPOConfig
+
+    p = s.spec.objective.preference
+    if p is None:
+        raise ConfigError("objective.preference is missing (the API fills it for type dpo)")
+    if p.label_smoothing > 0 and p.loss_type not in ("robust", "sigmoid", "exo_pair"):
+        raise ConfigError(f"objective.preference.labelSmoothing applies to lossType robust or sigmoid, not {p.loss_type}")
+    return DPOConfig(
+        **shared_args(s.spec, ctx.workdir / "checkpoints", s.precision, ctx.max_steps),
+        beta=p.beta,
+        loss_type=[p.loss_type],
+        label_smoothing=p.label_smoothing,
+        max_length=s.spec.dataset.max_seq_length,
+        remove_unused_columns=False,
+    )
+
+
+def build_trainer(ctx: RecipeContext, s: Setup) -> Any:
+    from trl import DPOTrainer
+
+    return DPOTrainer(
+        model=s.loaded.model,
+        ref_model=None,  # PEFT: the base with adapters disabled; full: TRL keeps a frozen copy
+        args=dpo_config(ctx, s),
+        train_dataset=s.data.train,
+        eval_dataset=s.data.eval,
+        processing_class=s.loaded.tokenizer,
+        peft_config=s.peft_config,
+        callbacks=base.training_callbacks(ctx, s.spec),
+    )
+
+
+def preference_eval(trainer: Any) -> dict[str, float]:
+    """DPO reward margin, preference accuracy and loss on the held-out pairs."""
+    # TRL adds its own metrics under "eval_" whatever metric_key_prefix says.
+    prefix = "eval"
+    out = trainer.evaluate(metric_key_prefix=prefix)
+    return {
+        "evalLoss": float(out[f"{prefix}_loss"]),
+        "rewardMargin": float(out[f"{prefix}_rewards/margins"]),
+        "preferenceAccuracy": float(out[f"{prefix}_rewards/accuracies"]),
+        "chosenLogp": float(out[f"{prefix}_logps/chosen"]),
+        "rejectedLogp": float(out[f"{prefix}_logps/rejected"]),
+    }
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, float]:
+    """Headline numbers for the termination message (status.metrics)."""
+    out: dict[str, float] = {}
+    tuned, before = metrics.get("tuned", {}), metrics.get("base", {})
+    for key in ("rewardMargin", "preferenceAccuracy"):
+        if key in tuned:
+            out[key] = tuned[key]
+        if key in before:
+            out[f"base{key[0].upper()}{key[1:]}"] = before[key]
+    out.update({k: v for k, v in metrics.get("generation", {}).items() if isinstance(v, (int, float))})
+    return out
+
+
+def run(ctx: RecipeContext) -> RecipeResult:
+    from ..evaluation import generation
+
+    s = setup(ctx)
+    trainer = build_trainer(ctx, s)
+    gen = generation.GenerationEval.from_preference(s.spec, s.loaded.tokenizer, s.data)
+    metrics: dict[str, Any] = {}
+    if s.spec.evaluation.baseline:
+        metrics["base"] = preference_eval(trainer)
+    gen.answer_base(trainer.model)
+    train_output = trainer.train(resume_from_checkpoint=base.resume_from(ctx, s.spec))
+    metrics["train"] = base.train_summary(trainer, train_output)
+    metrics["tuned"] = preference_eval(trainer)
+    generation_metrics = gen.score_tuned(trainer.model)
+    if generation_metrics:
+        metrics["generation"] = generation_metrics
+    trainable, all_params = methods.trainable_parameters(trainer.model)
+    metrics["method"] = {"type": s.spec.method.type, "trainableParameters": trainable, "totalParameters": all_params}
+    metrics["objective"] = {"type": "dpo", **(s.spec.objective.preference.wire() if s.spec.objective.preference else {})}
+    metrics["summary"] = summary(metrics)
+    sft_recipe.save(ctx, _SaveView(s), trainer)
+    return RecipeResult(
+        metrics=metrics, base_model=s.loaded.identity, model=trainer.model, tokenizer=s.loaded.tokenizer, trainer=trainer
+    )
+
+
+@dataclass
+class _SaveView:
+    """What sft.save reads from its Setup (spec, precision, loaded): saving is the same for DPO."""
+
+    spec: FineTuneJobSpec
+    precision: config.Precision
+    loaded: models.LoadedModel
+
+    def __init__(self, s: Setup) -> None:
+        self.spec, self.precision, self.loaded = s.spec, s.precision, s.loaded
