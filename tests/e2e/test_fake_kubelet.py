@@ -1,0 +1,89 @@
+"""The fake kubelet runs a Job's pod as a local process and reports it like a kubelet does."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness.cluster import STAGE_KWOK_SKIP, gpu_job_manifest, wait_until
+from harness.kubelet import FakeKubelet
+
+pytestmark = pytest.mark.cluster
+
+SCRIPT = """
+import json, os, sys
+spec = open(os.environ["FINETUNE_SPEC_PATH"]).read()
+msg = {"spec": json.loads(spec), "index": os.environ.get("INDEX"), "token": os.environ["TOKEN"]}
+open(os.environ["FINETUNE_TERMINATION_LOG"], "w").write(json.dumps(msg))
+print("hello from the pod")
+sys.exit(int(os.environ["CODE"]))
+"""
+
+
+def job(name: str, code: int) -> dict[str, Any]:
+    manifest = gpu_job_manifest(name, labels={STAGE_KWOK_SKIP: "true"})
+    pod = manifest["spec"]["template"]["spec"]
+    pod["volumes"] = [{"name": "spec", "configMap": {"name": "spec-cm"}}]
+    pod["containers"][0].update(
+        {
+            "command": [Path(sys.executable).name, "-c", SCRIPT],
+            "env": [
+                {"name": "FINETUNE_SPEC_PATH", "value": "/etc/finetune/spec.json"},
+                {"name": "CODE", "value": str(code)},
+                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+                {"name": "INDEX", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            ],
+            "volumeMounts": [{"name": "spec", "mountPath": "/etc/finetune", "readOnly": True}],
+        }
+    )
+    return manifest
+
+
+@pytest.mark.parametrize("code", [0, 42])
+def test_fake_kubelet_runs_the_pod_and_reports_its_exit(
+    cluster: Any, namespace: str, k8s_client: Any, tmp_path: Path, code: int
+) -> None:
+    cluster.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "spec-cm"},
+                "data": {"spec.json": json.dumps({"model": {"uri": "./m"}})},
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "creds"},
+                "stringData": {"token": "t0k3n"},
+            },
+        ],
+        namespace=namespace,
+    )
+    with FakeKubelet(k8s_client, namespace, tmp_path, path=[str(Path(sys.executable).parent)]) as kubelet:
+        cluster.apply(job("runs", code), namespace=namespace)
+        done = kubelet.wait_for(pod_count=1, timeout=180)
+    assert list(done.values()) == [code]
+    (pod_name,) = done
+    assert "hello from the pod" in kubelet.logs[pod_name].read_text()
+    pod = cluster.get_json("pod", pod_name, "-n", namespace)
+    assert pod["status"]["phase"] == ("Succeeded" if code == 0 else "Failed")
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == code
+    assert json.loads(terminated["message"]) == {
+        "spec": {"model": {"uri": "./m"}},
+        "index": namespace,
+        "token": "t0k3n",
+    }
+    condition = "Complete" if code == 0 else "Failed"
+    wait_until(
+        lambda: any(
+            c["type"] == condition and c["status"] == "True"
+            for c in cluster.get_json("job", "runs", "-n", namespace)["status"].get("conditions", [])
+        ),
+        60,
+        f"the Job's {condition} condition",
+    )
