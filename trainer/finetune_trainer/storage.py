@@ -12,9 +12,11 @@ never put in an exception message, a manifest or a return value.
 Public API:
 
 ``StorageError(message, *, uri, permanent)``
-    Every failure of this module. ``permanent`` is True when retrying cannot help (no such bucket,
-    access denied, not found, corrupt checkpoint); transient errors (timeouts, 5xx, connection
-    refused) are retried with exponential backoff first and raised with ``permanent=False``.
+    Every failure of this module (an ``errors.TrainerError``, reason StorageError). ``permanent``
+    is True when retrying cannot help (no such bucket, access denied, not found, corrupt
+    checkpoint); such errors are ``PermanentStorageError``, an ``errors.PermanentError`` (exit
+    code 42). Transient errors (timeouts, 5xx, connection refused) are retried with exponential
+    backoff first and raised with ``permanent=False``.
 ``IntegrityError(StorageError)``
     Stored bytes differ from the manifest, or the manifest is unreadable (permanent).
 ``resolve(uri) -> (fs, path)``
@@ -57,9 +59,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import fsspec
-from finetune_api.constants import CHECKPOINT_PREFIX, MANIFEST_FILE, PVC_MOUNT_ROOT, StorageEnv
+from finetune_api.constants import CHECKPOINT_PREFIX, MANIFEST_FILE, PVC_MOUNT_ROOT, Reason, StorageEnv
 from finetune_api.status import Artifact, FileEntry, Manifest
 from fsspec.implementations.local import LocalFileSystem
+
+from .errors import PermanentError, TrainerError
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +93,19 @@ class RetryPolicy:
 RETRY = RetryPolicy()
 
 
-class StorageError(Exception):
-    """A storage operation failed. The message names the URI and never contains credentials."""
+class StorageError(TrainerError):
+    """A storage operation failed. The message names the URI and never contains credentials.
+
+    Constructed with permanent=True it is a PermanentStorageError, which is also an
+    errors.PermanentError: the trainer exits with ExitCode.PERMANENT and the Job fails at once.
+    """
+
+    reason = Reason.STORAGE_ERROR
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> StorageError:
+        if cls is StorageError and kwargs.get("permanent"):
+            cls = PermanentStorageError
+        return super().__new__(cls, *args)
 
     def __init__(self, message: str, *, uri: str, permanent: bool) -> None:
         super().__init__(_scrub(message))
@@ -98,7 +113,13 @@ class StorageError(Exception):
         self.permanent = permanent
 
 
-class IntegrityError(StorageError):
+class PermanentStorageError(StorageError, PermanentError):
+    """No such bucket or key, access denied, a damaged prefix: retrying cannot help."""
+
+    reason = Reason.STORAGE_ERROR
+
+
+class IntegrityError(PermanentStorageError):
     """Stored bytes do not match their manifest (or the manifest is unreadable): a damaged prefix."""
 
     def __init__(self, message: str, *, uri: str) -> None:
