@@ -89,7 +89,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - --health-port={{ include "finetune-operator.healthPort" . }}
 - --stall-timeout={{ .Values.operator.stallTimeoutSeconds }}
 - --resync-interval={{ .Values.operator.resyncIntervalSeconds }}
+{{- if .Values.leaderElection.enabled }}
+- --leader-elect
+- --leader-election-namespace={{ .Release.Namespace }}
+- --leader-election-name={{ include "finetune-operator.leaseName" . }}
+- --lease-duration={{ .Values.leaderElection.leaseDurationSeconds }}
+{{- else }}
 - --standalone
+{{- end }}
 {{- range .Values.operator.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -122,17 +129,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* PromQL of the alerts (prometheusrule.yaml). */}}
 {{- define "finetune-operator.promql.jobFailed" -}}
-sum by (namespace) (finetune_operator_jobs{phase="Failed"}) > sum by (namespace) (finetune_operator_jobs{phase="Failed"} offset 10m)
+sum(finetune_operator_jobs{phase="Failed"}) > sum(finetune_operator_jobs{phase="Failed"} offset 10m)
 {{- end }}
 {{- define "finetune-operator.promql.jobStalled" -}}
 changes(finetune_trainer_step[{{ .Values.prometheusRule.alerts.jobStalled.for }}]) == 0 and finetune_trainer_step < finetune_trainer_total_steps
 {{- end }}
 {{- define "finetune-operator.promql.restartsClimbing" -}}
-sum by (namespace) (increase(finetune_operator_workload_restarts_total[{{ .Values.prometheusRule.alerts.restartsClimbing.window }}])) >= {{ .Values.prometheusRule.alerts.restartsClimbing.threshold }}
+sum by (reason) (increase(finetune_operator_workload_restarts_total[{{ .Values.prometheusRule.alerts.restartsClimbing.window }}])) >= {{ .Values.prometheusRule.alerts.restartsClimbing.threshold }}
 {{- end }}
 {{- define "finetune-operator.promql.operatorDown" -}}
 absent(up{job="{{ include "finetune-operator.fullname" . }}-metrics", namespace="{{ .Release.Namespace }}"} == 1)
 {{- end }}
 {{- define "finetune-operator.promql.reconcileErrors" -}}
 sum(rate(finetune_operator_reconcile_errors_total[10m])) > {{ .Values.prometheusRule.alerts.reconcileErrors.threshold }}
+{{- end }}
+
+{{/* The leader-election Lease (in the release namespace). */}}
+{{- define "finetune-operator.leaseName" -}}
+{{- include "finetune-operator.fullname" . }}
 {{- end }}
