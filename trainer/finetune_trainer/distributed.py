@@ -164,11 +164,16 @@ def enable_cpu_fsdp(spec: FineTuneJobSpec) -> bool:
     get_state_dict = Accelerator.get_state_dict
 
     def owned_state_dict(self: Any, model: Any, unwrap: bool = True) -> Any:
-        # On CPU, "cpu_offload" copies nothing: the gathered full tensors still point into FSDP's
-        # unsharded buffers, which are freed on reshard, and safetensors then fails with
-        # "invalid python storage". Cloning gives the save its own memory.
-        state = get_state_dict(self, model, unwrap)
-        print("DBG", self.is_fsdp2, {k: type(v).__name__ for k, v in list(state.items())[:3]}, flush=True)
+        # accelerate's own FSDP2 branch is not taken here; gather the full state dict the same
+        # way, and clone: on CPU "cpu_offload" copies nothing and the gathered tensors would
+        # point into buffers FSDP frees on reshard ("invalid python storage" in safetensors).
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.tensor import DTensor
+
+        if not any(isinstance(p, DTensor) for p in model.parameters()):
+            return get_state_dict(self, model, unwrap)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
         return {k: v.detach().clone() for k, v in state.items()}
 
     Accelerator.get_state_dict = owned_state_dict  # type: ignore[method-assign]
