@@ -102,29 +102,42 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* The operator's RBAC rules, one resource per rule (see rbac.yaml). */}}
+{{/* The operator's RBAC rules, one resource per rule, only the verbs finetune_operator calls
+(k8s.py, Kopf's watches and its annotation patches). Nothing cluster-scoped: Kopf's namespace and
+CRD observers only warn when they may not list those. */}}
 {{- define "finetune-operator.rules" -}}
+# Kopf watches FineTuneJobs and keeps its progress in their annotations.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
   verbs: ["get", "list", "watch", "patch"]
+# The operator is the only writer of status.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
+# The trainer workload: created, watched, suspended/resumed (spec.suspend); deleted by owner GC.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# The spec mounted into the pods.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "create"]
+# The headless rendezvous Service.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "create"]
+# Trainer pods: watched for progress and exit, annotated before a stall restart.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch", "patch"]
+# Stall restarts evict the pod (a disruption, not a failure).
+- apiGroups: [""]
+  resources: ["pods/eviction"]
+  verbs: ["create"]
+# Events on the FineTuneJob (kubectl describe).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/* PromQL of the alerts (prometheusrule.yaml). */}}
