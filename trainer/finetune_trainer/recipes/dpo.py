@@ -155,19 +155,16 @@ def run(ctx: RecipeContext) -> RecipeResult:
     metrics["method"] = {"type": s.spec.method.type, "trainableParameters": trainable, "totalParameters": all_params}
     metrics["objective"] = {"type": "dpo", **(s.spec.objective.preference.wire() if s.spec.objective.preference else {})}
     metrics["summary"] = summary(metrics)
-    sft_recipe.save(ctx, _SaveView(s), trainer)
+    sft_recipe.save(ctx, SaveView(s.spec, s.precision, s.loaded), trainer)
     return RecipeResult(
         metrics=metrics, base_model=s.loaded.identity, model=trainer.model, tokenizer=s.loaded.tokenizer, trainer=trainer
     )
 
 
 @dataclass
-class _SaveView:
-    """What sft.save reads from its Setup (spec, precision, loaded): saving is the same for DPO."""
+class SaveView:
+    """What sft.save reads from its Setup: saving a causal-LM policy is the same for every recipe."""
 
     spec: FineTuneJobSpec
     precision: config.Precision
     loaded: models.LoadedModel
-
-    def __init__(self, s: Setup) -> None:
-        self.spec, self.precision, self.loaded = s.spec, s.precision, s.loaded
