@@ -202,6 +202,8 @@ def _progress(
     total_raw = metrics.get(TrainerMetric.TOTAL_STEPS)
     total = int(total_raw) if total_raw and total_raw > 0 else None
     epoch = metrics.get(TrainerMetric.EPOCH)
+    if prev is not None and prev.step == step and prev.total_steps == total and prev.epoch == epoch:
+        return prev  # the ETA moves only with the step: no status write while nothing happens
     percent = min(100, max(0, math.floor(100 * step / total))) if total else 0
     eta = None
     if total and step > 0 and start is not None:

@@ -192,7 +192,7 @@ def children(cluster: TestCluster, namespace: str, name: str, kind: str) -> list
 def events(cluster: TestCluster, namespace: str, name: str) -> list[dict[str, Any]]:
     items = cluster.get_json("events", "-n", namespace, "--field-selector",
                              f"involvedObject.name={name},involvedObject.kind={c.KIND}")["items"]
-    return sorted(items, key=lambda e: (e.get("firstTimestamp") or "", e["metadata"]["creationTimestamp"]))
+    return sorted(items, key=lambda e: int(e["metadata"]["resourceVersion"]))  # creation order
 
 
 def wait_gone(cluster: TestCluster, namespace: str, name: str, timeout: float = 60) -> None:
