@@ -6,7 +6,8 @@ helper plays the kubelet for exactly those. For each such pod, once the schedule
 1. resolves the container's environment (plain values, secretKeyRef, configMapKeyRef, fieldRef
    to metadata.name/namespace/labels/annotations, e.g. the Job's completion index),
 2. writes the content of mounted ConfigMaps and Secrets into a temp dir and gives emptyDir
-   mounts a temp dir, rewriting env values that point under a mount path to the local copy,
+   mounts a temp dir, rewriting env values that point under a mount path to the local copy
+   (e.g. FINETUNE_SPEC_PATH=/etc/finetune/spec.json), after applying the test's `extra_env`,
 3. points the termination message at a local file (FINETUNE_TERMINATION_LOG),
 4. marks the pod Running, runs `command + args` (the executable looked up on `path` first),
 5. writes phase Succeeded/Failed and containerStatuses[0].state.terminated {exitCode, reason,
@@ -214,7 +215,6 @@ class FakeKubelet:
             "PATH": os.environ.get("PATH", ""),
             "HOME": os.environ.get("HOME", "/root"),
             "HF_HUB_OFFLINE": "1",
-            **self.extra_env,
         }
         for src in container.env_from or []:
             if src.config_map_ref is not None:
@@ -232,6 +232,8 @@ class FakeKubelet:
             value = self._env_value(pod, e)
             if value is not None:
                 env[e.name] = value
+        # The test's overrides win over the pod's own values (e.g. a free metrics port).
+        env.update(self.extra_env)
         # Paths inside mounted volumes point at the local copies.
         for key, value in list(env.items()):
             for mount_path, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
