@@ -112,10 +112,17 @@ def test_install_creates_every_object_and_uninstall_leaves_only_the_crd(
     helm(cluster, "uninstall", release, "-n", namespace, "--wait", "--timeout", "120s")
     left = [f"{o['kind']}/{o['metadata']['name']}" for o in objs if exists(cluster, o)]
     assert not left, f"left behind by helm uninstall: {left}"
-    labelled = cluster.kubectl("get", "all,configmaps,serviceaccounts,roles,rolebindings,clusterroles,"
-                               "clusterrolebindings", "-A", "-l", f"app.kubernetes.io/instance={release}",
-                               "-o", "name").stdout.split()
-    assert labelled == []
+
+    # Nothing labelled with the release either (the operator's ReplicaSet and pod go by garbage collection).
+    def labelled() -> list[str]:
+        return list(cluster.kubectl("get", "all,configmaps,serviceaccounts,roles,rolebindings,clusterroles,"
+                                    "clusterrolebindings", "-A", "-l", f"app.kubernetes.io/instance={release}",
+                                    "-o", "name").stdout.split())
+
+    try:
+        wait_until(lambda: not labelled(), 60, "every object of the release to be gone", interval=0.5)
+    except Exception:
+        raise AssertionError(f"left behind by helm uninstall: {labelled()}") from None
     assert cluster.get_json("crd", c.CRD_NAME)["metadata"]["name"] == c.CRD_NAME  # kept
     assert cluster.get_json(FTJ, "keep-me", "-n", namespace)["metadata"]["name"] == "keep-me"
 
