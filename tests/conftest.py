@@ -1,1 +1,1 @@
-pytest_plugins = ["harness.cluster_plugin"]
+pytest_plugins = ["harness.model_plugin", "harness.cluster_plugin"]

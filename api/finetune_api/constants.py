@@ -94,6 +94,8 @@ class Env:
     OUTPUT_URI: Final = "FINETUNE_OUTPUT_URI"
     CHECKPOINT_URI: Final = "FINETUNE_CHECKPOINT_URI"
     METRICS_PORT: Final = "FINETUNE_METRICS_PORT"
+    # Where the trainer writes its termination message (default TERMINATION_LOG_PATH).
+    TERMINATION_LOG: Final = "FINETUNE_TERMINATION_LOG"
     # Rendezvous (turned into a torchrun launch by the trainer's launcher).
     NUM_NODES: Final = "FINETUNE_NUM_NODES"
     NODE_RANK: Final = "FINETUNE_NODE_RANK"

@@ -1,0 +1,106 @@
+"""`finetune run FILE.yaml [--output URI] [--max-steps N]`: run a FineTuneJob manifest here.
+
+Validates the manifest with the same API model as the operator, trains in this process (CPU or
+a local GPU) with a progress bar, publishes the artifact, and prints the eval loss before and
+after, where the artifact is and how to load it. Exit codes as the container's: 0, 42 for
+permanent errors (bad manifest, bad data), 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from finetune_api import ManifestError
+from finetune_api.constants import ExitCode
+from finetune_api.spec import PEFT_METHODS
+
+from .errors import exit_code_for
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune run", description=__doc__.splitlines()[0])
+    p.add_argument("file", metavar="FILE.yaml", help="A FineTuneJob manifest.")
+    p.add_argument("--output", metavar="URI", help="Publish here instead of spec.output.uri.")
+    p.add_argument("--max-steps", type=int, metavar="N", help="Stop after N optimizer steps.")
+    p.add_argument("--workdir", type=Path, metavar="DIR", help="Scratch folder (default: a temp dir).")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="Prometheus endpoint port (default $FINETUNE_METRICS_PORT or 9400; 0 = any free port).")
+    return p
+
+
+def how_to_load(where: str, method: str, merged: bool) -> list[str]:
+    if method in PEFT_METHODS:
+        lines = [
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            f"model = AutoPeftModelForCausalLM.from_pretrained({where!r})",
+            f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
+        ]
+        if merged:
+            lines.append(f"# or the merged full model: AutoModelForCausalLM.from_pretrained({where + '/merged'!r})")
+        return lines
+    return [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"model = AutoModelForCausalLM.from_pretrained({where!r})",
+        f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
+    ]
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.max_steps is not None and args.max_steps < 1:
+        print("finetune run: --max-steps must be at least 1", file=sys.stderr)
+        return 2
+    from finetune_cli.manifests import load_job
+
+    try:
+        job = load_job(Path(args.file))
+    except ManifestError as exc:
+        print(str(exc), file=sys.stderr)
+        return ExitCode.PERMANENT
+
+    from . import output
+    from .runner import Overrides, run_job
+
+    spec = job.spec
+    overrides = Overrides(
+        max_steps=args.max_steps,
+        workdir=args.workdir,
+        progress=not args.no_progress,
+        metrics_port=args.metrics_port,
+    )
+    try:
+        result = run_job(spec, args.output, overrides)
+    except KeyboardInterrupt:
+        print("finetune run: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        code = exit_code_for(exc)
+        kind = "permanent error" if code == ExitCode.PERMANENT else "error"
+        print(f"finetune run: {kind}: {exc}", file=sys.stderr)
+        if code != ExitCode.PERMANENT:
+            logging.getLogger(__name__).debug("traceback", exc_info=True)
+        return code
+
+    m = result.metrics
+    print()
+    print(f"FineTuneJob {job.metadata.name}: {spec.method.type} / {spec.objective.type}, "
+          f"{m.get('train', {}).get('steps', '?')} steps")
+    if "base" in m and "tuned" in m:
+        b, t = m["base"], m["tuned"]
+        verdict = "dropped" if t["evalLoss"] < b["evalLoss"] else "did NOT drop"
+        print(f"  eval loss   base {b['evalLoss']:.4f} -> tuned {t['evalLoss']:.4f} ({verdict})")
+        print(f"  perplexity  base {b['perplexity']:.2f} -> tuned {t['perplexity']:.2f}")
+    elif "tuned" in m:
+        print(f"  eval loss {m['tuned']['evalLoss']:.4f}, perplexity {m['tuned']['perplexity']:.2f}")
+    print(f"  artifact    {result.output_uri}  ({len(result.manifest.files)} files, "
+          f"{result.artifact.size_bytes / 1e6:.1f} MB, manifest sha256 {result.artifact.sha256[:12]})")
+    print("  load it with:")
+    for line in how_to_load(result.output_uri, spec.method.type, output.wants_merged(spec)):
+        print(f"    {line}")
+    return ExitCode.SUCCESS

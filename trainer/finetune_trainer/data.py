@@ -1,0 +1,339 @@
+"""Datasets: read files, check them against their format, tokenize, and mask the loss.
+
+Files: JSON (an array, or one object per line), JSONL, Parquet or CSV, from a local path, a
+folder of such files, `s3://`/`pvc://` (through the storage layer) or a Hugging Face dataset id
+(read through the local cache). Every problem is a DataError naming the file and the line, row
+or column, because the user has to find it in their data.
+
+Formats (canonical column names; the spec's `dataset.fields` maps the user's own names):
+  text               {text}
+  prompt_completion  {prompt, completion}
+  messages           {messages: [{role, content}, ...]}     (rendered with the chat template)
+  alpaca             {instruction, input?, output}          (rendered with the Alpaca prompt)
+  preference         {prompt?, chosen, rejected}            (for dpo/reward/ppo recipes)
+
+Tokenized rows carry `input_ids` and `labels`, with -100 on tokens that carry no loss. The masks
+are built here rather than by TRL, because TRL's assistant-only loss needs `{% generation %}`
+markers in the chat template (most templates have none): for each assistant turn we render the
+conversation up to it with the generation prompt and up to its end, and label the tokens in
+between. prompt_completion is tokenized exactly as TRL's SFTTrainer does (prompt, then
+prompt + completion + EOS, completion starting at their common prefix), so our loss equals a plain
+TRL script's.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_api.spec import DatasetSpec
+
+from . import uris
+from .errors import DataError
+
+IGNORE_INDEX = -100
+SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+#: canonical field -> required?
+FORMAT_FIELDS: dict[str, dict[str, bool]] = {
+    "text": {"text": True},
+    "prompt_completion": {"prompt": True, "completion": True},
+    "messages": {"messages": True},
+    "alpaca": {"instruction": True, "input": False, "output": True},
+    "preference": {"prompt": False, "chosen": True, "rejected": True},
+}
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{with_input}. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record and where it came from (for error messages)."""
+
+    where: str
+    values: dict[str, Any]
+
+
+# --- reading files ---------------------------------------------------------------------------
+
+
+def _files(path: Path, uri: str) -> list[Path]:
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not found:
+            raise DataError(f"{uri}: folder holds no .json, .jsonl, .parquet or .csv files")
+        return found
+    if not path.exists():
+        raise DataError(f"{uri}: no such file or folder")
+    if path.suffix.lower() not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'}: use .json, .jsonl, .parquet or .csv")
+    return [path]
+
+
+def _read_json(path: Path) -> Iterator[Row]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text: {exc}") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from None
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}: item {i}: expected a JSON object, got {type(rec).__name__}")
+            yield Row(f"{path}: item {i}", rec)
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(rec).__name__}")
+        yield Row(f"{path}: line {lineno}", rec)
+
+
+def _read_csv(path: Path) -> Iterator[Row]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        try:
+            for rec in reader:
+                # Header is line 1, so record n sits on line n + 1 (without embedded newlines).
+                yield Row(f"{path}: line {reader.line_num}", dict(rec))
+        except csv.Error as exc:
+            raise DataError(f"{path}: line {reader.line_num}: invalid CSV: {exc}") from None
+
+
+def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
+    for i, rec in enumerate(table.to_pylist()):
+        yield Row(f"{path}: row {i}", rec)
+
+
+def read_rows(uri: str, workdir: Path) -> list[Row]:
+    """Every record of a dataset URI, with its provenance; DataError if none."""
+    path = uris.resolve(uri, workdir / "data")
+    if path is None:
+        return _read_hub(uri)
+    rows: list[Row] = []
+    for f in _files(path, uri):
+        kind = SUFFIXES[f.suffix.lower()]
+        reader = {"json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind]
+        before = len(rows)
+        rows.extend(reader(f))
+        if len(rows) == before:
+            raise DataError(f"{f}: empty file: no records")
+    return rows
+
+
+def _read_hub(uri: str) -> list[Row]:
+    import datasets
+
+    name = uris.hf_id(uri)
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as exc:
+        raise DataError(f"{uri}: cannot load dataset from the Hugging Face cache: {exc}") from None
+    return [Row(f"{uri}: row {i}", dict(rec)) for i, rec in enumerate(ds)]
+
+
+# --- checking rows against the format ---------------------------------------------------------
+
+
+def _check_messages(where: str, column: str, value: Any) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)  # CSV/Parquet may hold messages as JSON text
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: column {column!r}: expected a list of messages, got a string") from None
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: column {column!r}: expected a non-empty list of {{role, content}} messages")
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
+            raise DataError(f"{where}: column {column!r}: message {i} needs string 'role' and 'content'")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    return out
+
+
+def canonical_rows(rows: list[Row], ds: DatasetSpec) -> list[dict[str, Any]]:
+    """Rows renamed to canonical fields and type-checked; DataError names file, line and column."""
+    wanted = FORMAT_FIELDS[ds.format]
+    out = []
+    for row in rows:
+        rec: dict[str, Any] = {}
+        for field, required in wanted.items():
+            column = ds.fields.column(field)
+            value = row.values.get(column)
+            if value is None:
+                if required:
+                    present = ", ".join(sorted(row.values)) or "none"
+                    raise DataError(
+                        f"{row.where}: missing column {column!r} (format {ds.format} reads it as {field!r}; "
+                        f"columns present: {present}; map yours with dataset.fields.{field})"
+                    )
+                value = ""
+            if field == "messages" or (field in ("chosen", "rejected", "prompt") and isinstance(value, list)):
+                value = _check_messages(row.where, column, value)
+            elif not isinstance(value, str):
+                raise DataError(f"{row.where}: column {column!r}: expected a string, got {type(value).__name__}")
+            rec[field] = value
+        if ds.format == "messages" and ds.loss_masking in ("assistant_only", "completion_only"):
+            if not any(m["role"] == "assistant" for m in rec["messages"]):
+                raise DataError(f"{row.where}: column {ds.fields.column('messages')!r}: no assistant message to learn")
+        out.append(rec)
+    return out
+
+
+# --- tokenization and masks -------------------------------------------------------------------
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text=text)["input_ids"])
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
+    ids = out["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _with_eos(text: str, eos: str | None) -> str:
+    return text + eos if eos and not text.endswith(eos) else text
+
+
+def alpaca_prompt(instruction: str, input_text: str) -> str:
+    block = f"### Input:\n{input_text}\n\n" if input_text else ""
+    return ALPACA_PROMPT.format(
+        with_input=", paired with an input that provides further context" if input_text else "",
+        instruction=instruction,
+        input_block=block,
+    )
+
+
+def tokenize_example(rec: dict[str, Any], tokenizer: Any, ds: DatasetSpec) -> dict[str, list[int]]:
+    """input_ids and labels of one canonical record (not truncated)."""
+    eos = tokenizer.eos_token
+    mask_prompt = ds.loss_masking in ("completion_only", "assistant_only")
+    if ds.format == "text":
+        ids = _ids(tokenizer, _with_eos(rec["text"], eos))
+        return {"input_ids": ids, "labels": list(ids)}
+    if ds.format in ("prompt_completion", "alpaca"):
+        if ds.format == "alpaca":
+            prompt, completion = alpaca_prompt(rec["instruction"], rec["input"]), rec["output"]
+        else:
+            prompt, completion = rec["prompt"], rec["completion"]
+        prompt_ids = _ids(tokenizer, prompt)
+        ids = _ids(tokenizer, _with_eos(prompt + completion, eos))
+        start = _common_prefix(prompt_ids, ids) if mask_prompt else 0
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * start + ids[start:]}
+    if ds.format == "messages":
+        messages = rec["messages"]
+        ids = _chat_ids(tokenizer, messages)
+        if not mask_prompt:
+            return {"input_ids": ids, "labels": list(ids)}
+        labels = [IGNORE_INDEX] * len(ids)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if ds.loss_masking == "completion_only":
+            turns = turns[-1:]
+        for i in turns:
+            start = _common_prefix(_chat_ids(tokenizer, messages[:i], add_generation_prompt=True), ids)
+            end = _common_prefix(_chat_ids(tokenizer, messages[: i + 1]), ids)
+            labels[start:end] = ids[start:end]
+        return {"input_ids": ids, "labels": labels}
+    raise DataError(f"dataset.format {ds.format}: not a supervised fine-tuning format")
+
+
+def truncate(example: dict[str, list[int]], max_length: int) -> dict[str, list[int]]:
+    return {k: v[:max_length] for k, v in example.items()}
+
+
+# --- the whole pipeline -------------------------------------------------------------------------
+
+
+@dataclass
+class Splits:
+    """Canonical records of the train and held-out splits (before tokenization)."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+
+
+def load_splits(ds: DatasetSpec, workdir: Path, seed: int) -> Splits:
+    """Read, check and split the data; `max_samples` caps the training rows."""
+    train = canonical_rows(read_rows(ds.train, workdir), ds)
+    if ds.validation is not None:
+        held = canonical_rows(read_rows(ds.validation, workdir), ds)
+    else:
+        import random
+
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(len(train) * (ds.validation_split or 0.1)))
+        if len(train) - n_eval < 1:
+            raise DataError(f"{ds.train}: {len(train)} rows are too few to hold out {n_eval} for validation")
+        eval_idx = set(order[:n_eval])
+        held = [r for i, r in enumerate(train) if i in eval_idx]
+        train = [r for i, r in enumerate(train) if i not in eval_idx]
+    if ds.max_samples is not None:
+        train = train[: ds.max_samples]
+    return Splits(train=train, eval=held)
+
+
+def tokenize_rows(records: list[dict[str, Any]], tokenizer: Any, ds: DatasetSpec, name: str) -> Any:
+    """A datasets.Dataset of input_ids/labels, truncated, without rows that carry no loss."""
+    import datasets
+
+    out = []
+    for rec in records:
+        ex = truncate(tokenize_example(rec, tokenizer, ds), ds.max_seq_length)
+        if any(label != IGNORE_INDEX for label in ex["labels"]):
+            out.append(ex)
+    if not out:
+        raise DataError(
+            f"{name} split of {ds.train}: no example keeps a completion token after truncation to "
+            f"maxSeqLength {ds.max_seq_length}"
+        )
+    return datasets.Dataset.from_list(out)
+
+
+@dataclass
+class SftData:
+    train: Any  # datasets.Dataset with input_ids, labels
+    eval: Any
+    train_tokens: int
+
+
+def prepare_sft(ds: DatasetSpec, tokenizer: Any, workdir: Path, seed: int) -> SftData:
+    splits = load_splits(ds, workdir, seed)
+    train = tokenize_rows(splits.train, tokenizer, ds, "train")
+    held = tokenize_rows(splits.eval, tokenizer, ds, "validation")
+    return SftData(train=train, eval=held, train_tokens=sum(len(x) for x in train["input_ids"]))

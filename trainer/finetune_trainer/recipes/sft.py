@@ -1,0 +1,111 @@
+"""Supervised fine-tuning (objective sft) with TRL's SFTTrainer, for every method.
+
+setup: model + tokenizer, tokenized data with loss masks, the method's PEFT wrapper.
+train: SFTTrainer with settings from config.py; the base model is evaluated first.
+save:  adapter or full model + tokenizer (+ merged/), and the metrics for metrics.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_api.spec import FineTuneJobSpec
+
+from .. import config, continual, data, methods, models, output
+from ..evaluation import perplexity
+from . import RecipeContext, RecipeResult, base
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    spec: FineTuneJobSpec
+    precision: config.Precision
+    loaded: models.LoadedModel
+    data: data.SftData
+    model: Any  # the model to train (PeftModel or the base model itself)
+    total_steps: int
+    continual: Any = None  # continual.SftContinual, set by build_trainer
+
+
+def setup(ctx: RecipeContext) -> Setup:
+    from transformers import set_seed
+
+    spec = ctx.spec
+    precision = config.resolve_precision(spec)
+    loaded = models.load_model(spec, precision, ctx.workdir)
+    sft_data = data.prepare_sft(spec.dataset, loaded.tokenizer, ctx.workdir, spec.hyperparameters.seed)
+    total = ctx.max_steps or config.total_steps_hint(spec, len(sft_data.train))
+    # Prompt-tuning init text is tokenized by PEFT from a path: hand it exactly our tokenizer.
+    tokenizer_dir = ctx.workdir / "tokenizer"
+    loaded.tokenizer.save_pretrained(tokenizer_dir)
+    peft_cfg = methods.peft_config(spec, total_steps=total, tokenizer_path=str(tokenizer_dir))
+    set_seed(spec.hyperparameters.seed)
+    # objective.continual: start from the earlier artifact instead (else methods.apply).
+    model = continual.start_model(spec, loaded, peft_cfg, ctx.workdir)
+    trainable, all_params = methods.trainable_parameters(model)
+    log.info("method %s: %d of %d parameters trainable", spec.method.type, trainable, all_params)
+    return Setup(spec, precision, loaded, sft_data, model, total)
+
+
+def build_trainer(ctx: RecipeContext, s: Setup) -> Any:
+    from trl import SFTTrainer
+
+    args = config.sft_config(s.spec, ctx.workdir / "checkpoints", s.precision, max_steps=ctx.max_steps)
+    # objective.continual: replay rows mixed in, and the l2/ewc penalty in the loss (no-op without it).
+    s.continual = continual.for_sft(s.spec, s.model, s.loaded.tokenizer, s.data.train, ctx.workdir, SFTTrainer)
+    return s.continual.trainer_cls(
+        model=s.model,
+        args=args,
+        train_dataset=s.continual.train,
+        eval_dataset=s.data.eval,
+        processing_class=s.loaded.tokenizer,
+        callbacks=base.training_callbacks(ctx, s.spec),
+    )
+    # With disable_tqdm the Trainer prints every log dict; our progress bar replaces that.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def save(ctx: RecipeContext, s: Setup, trainer: Any) -> None:
+    spec = s.spec
+    model = trainer.model
+    output.save_model(model, s.loaded.tokenizer, ctx.stage, spec)
+    if output.wants_merged(spec):
+        adapter_dir = ctx.stage
+        if "adapter" not in (spec.output.save or []):
+            adapter_dir = ctx.workdir / "adapter"
+            model.save_pretrained(adapter_dir, safe_serialization=True)
+
+        def load_base() -> Any:
+            # Merge into full-precision weights, also for QLoRA (quantized weights cannot hold the sum).
+            full_precision = spec.model_copy(deep=True)
+            full_precision.model.quantization = None
+            return models.load_model(full_precision, s.precision, ctx.workdir).model
+
+        output.save_merged(adapter_dir, load_base, ctx.stage, s.loaded.tokenizer)
+
+
+def run(ctx: RecipeContext) -> RecipeResult:
+    s = setup(ctx)
+    trainer = build_trainer(ctx, s)
+    metrics: dict[str, Any] = {}
+    if s.spec.evaluation.baseline:
+        metrics["base"] = perplexity.evaluate(trainer, base=True)
+    earlier_before = continual.earlier_loss(trainer, s.continual)
+    train_output = trainer.train(resume_from_checkpoint=base.resume_from(ctx, s.spec))
+    if s.spec.objective.continual is not None:
+        metrics["continual"] = continual.report(
+            s.continual, earlier_before, continual.earlier_loss(trainer, s.continual)
+        )
+    metrics["train"] = base.train_summary(trainer, train_output)
+    metrics["tuned"] = perplexity.evaluate(trainer)
+    trainable, all_params = methods.trainable_parameters(trainer.model)
+    metrics["method"] = {"type": s.spec.method.type, "trainableParameters": trainable, "totalParameters": all_params}
+    save(ctx, s, trainer)
+    return RecipeResult(
+        metrics=metrics, base_model=s.loaded.identity, model=trainer.model, tokenizer=s.loaded.tokenizer, trainer=trainer
+    )

@@ -1,0 +1,52 @@
+"""Turning the spec's source URIs into local paths.
+
+Local paths (`/abs`, `./relative`, `file:///abs`) are used as they are; `s3://` and `pvc://` go
+through the storage layer (`finetune_trainer.storage.fetch`), imported only when needed so that
+local runs do not depend on it. Anything else is a Hugging Face id, read through the local cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ConfigError
+
+REMOTE_SCHEMES = ("s3://", "pvc://")
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith(("/", "./", "../", "file://"))
+
+
+def local_path(uri: str) -> Path:
+    """The filesystem path of a local URI (no existence check)."""
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    return Path(uri)
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(REMOTE_SCHEMES)
+
+
+def hf_id(uri: str) -> str:
+    return uri.removeprefix("hf://")
+
+
+def fetch(uri: str, workdir: Path) -> Path:
+    """A local copy of a remote (s3://, pvc://) file or folder, through the storage layer."""
+    try:
+        from . import storage
+    except ImportError as exc:  # pragma: no cover - storage ships with the trainer
+        raise ConfigError(f"{uri}: remote URIs need finetune_trainer.storage: {exc}") from exc
+    workdir.mkdir(parents=True, exist_ok=True)
+    return Path(storage.fetch(uri, workdir))
+
+
+def resolve(uri: str, workdir: Path) -> Path | None:
+    """A local path for a local or remote URI; None for a Hugging Face id."""
+    if is_local(uri):
+        return local_path(uri)
+    if is_remote(uri):
+        return fetch(uri, workdir)
+    return None
