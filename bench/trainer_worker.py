@@ -1,0 +1,181 @@
+"""One training run in a fresh process, for the trainer benchmarks (run by bench.common.run_child).
+
+    python -m bench.trainer_worker ours  CONFIG.json   # finetune_trainer.runner.run_job (the lora recipe)
+    python -m bench.trainer_worker plain CONFIG.json   # a plain TRL SFTTrainer script, same settings
+
+CONFIG: {"model", "train", "eval", "format", "max_length", "packing", "hp": {...}, "lora": {...},
+"output", "profile"?}. Both sides time the training loop the same way (LoopTimer: from
+on_train_begin to the last optimizer step's on_step_end, so the end-of-run checkpoint save is
+not in it) and count tokens the same way (Trainer's num_input_tokens_seen, non-padding).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import process_t0, write_result
+
+T0 = process_t0()
+MARKS: dict[str, float] = {}
+
+
+def mark(name: str) -> None:
+    """Seconds since the parent started this process."""
+    MARKS.setdefault(name, time.time() - T0)
+
+
+def _loop_timer() -> Any:
+    from transformers import TrainerCallback
+
+    class LoopTimer(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.begin = self.last = 0.0
+            self.tokens = 0
+            self.steps = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            mark("train_begin")
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            mark("first_optimizer_step")
+            self.last = time.perf_counter()
+            self.tokens = int(state.num_input_tokens_seen or 0)
+            self.steps = int(state.global_step)
+
+        def result(self, state: Any) -> dict[str, Any]:
+            loop = self.last - self.begin
+            losses = [h["loss"] for h in state.log_history if "loss" in h]
+            return {"loop_s": loop, "tokens": self.tokens, "steps": self.steps,
+                    "tokens_per_s": self.tokens / loop if loop > 0 else 0.0, "losses": losses}
+
+    return LoopTimer()
+
+
+def _timed(module: Any, attr: str, phases: dict[str, float]) -> None:
+    """Wraps module.attr so each call adds its duration to phases[attr] (measurement only)."""
+    fn = getattr(module, attr)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[attr] = phases.get(attr, 0.0) + time.perf_counter() - t
+            mark(f"{attr}_done")
+
+    setattr(module, attr, wrapper)
+
+
+def spec_dict(cfg: dict[str, Any]) -> dict[str, Any]:
+    hp = cfg["hp"]
+    return {
+        "model": {"uri": cfg["model"]},
+        "dataset": {"train": cfg["train"], "validation": cfg["eval"], "format": cfg["format"],
+                    "maxSeqLength": cfg["max_length"], "packing": cfg.get("packing", False)},
+        "method": {"type": "lora", "lora": {"r": cfg["lora"]["r"], "alpha": cfg["lora"]["alpha"],
+                                            "dropout": cfg["lora"]["dropout"]}},
+        "hyperparameters": {"maxSteps": hp["max_steps"], "batchSize": hp["batch_size"],
+                            "learningRate": hp["learning_rate"], "warmupRatio": hp["warmup_ratio"],
+                            "scheduler": hp["scheduler"], "seed": hp["seed"], "weightDecay": hp["weight_decay"],
+                            "maxGradNorm": hp["max_grad_norm"], "optimizer": hp["optimizer"]},
+        "resources": {"gpusPerNode": 0},
+        "output": {"uri": cfg["output"]},
+    }
+
+
+def ours(cfg: dict[str, Any]) -> dict[str, Any]:
+    import finetune_trainer.evaluation.perplexity as perplexity
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+    from finetune_api.resource import parse_spec
+    from finetune_trainer import data, models, output
+    from finetune_trainer.recipes import sft
+    from finetune_trainer.runner import Overrides, run_job
+
+    mark("imports")
+    phases: dict[str, float] = {}
+    _timed(models, "load_model", phases)
+    _timed(data, "prepare_sft", phases)
+    _timed(sft, "build_trainer", phases)
+    _timed(perplexity, "evaluate", phases)
+    _timed(sft, "save", phases)
+    _timed(output, "publish", phases)
+    timer = _loop_timer()
+    spec = parse_spec(spec_dict(cfg))
+    t = time.perf_counter()
+    # As in a pod: no progress bar, the metrics endpoint served (any free port), checkpoints on.
+    result = run_job(spec, cfg["output"], Overrides(progress=False, metrics_port=0, callbacks=[timer],
+                                                   workdir=Path(cfg["output"]).parent / "scratch"))
+    total = time.perf_counter() - t
+    out = timer.result(result.recipe.trainer.state)
+    out["phases"] = phases
+    out["run_job_s"] = total
+    out["eval_loss"] = result.metrics.get("tuned", {}).get("evalLoss")
+    out["base_eval_loss"] = result.metrics.get("base", {}).get("evalLoss")
+    return out
+
+
+def plain(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a user would write with TRL alone (same model, data files, seed and settings)."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    mark("imports")
+    hp = cfg["hp"]
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+    mark("load_model_done")
+    ds = load_dataset("json", data_files={"train": cfg["train"], "eval": cfg["eval"]})
+    mark("prepare_sft_done")
+    args = SFTConfig(
+        output_dir=str(Path(cfg["output"]) / "checkpoints"),
+        max_steps=hp["max_steps"], per_device_train_batch_size=hp["batch_size"],
+        per_device_eval_batch_size=hp["batch_size"], learning_rate=hp["learning_rate"],
+        lr_scheduler_type=hp["scheduler"], warmup_steps=float(hp["warmup_ratio"]),
+        weight_decay=hp["weight_decay"], optim=hp["optimizer"], max_grad_norm=hp["max_grad_norm"],
+        seed=hp["seed"], data_seed=hp["seed"], bf16=False, fp16=False, use_cpu=True,
+        gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
+        eval_strategy="no", max_length=cfg["max_length"], packing=cfg.get("packing", False),
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=True,
+    )
+    peft_config = LoraConfig(task_type="CAUSAL_LM", r=cfg["lora"]["r"], lora_alpha=cfg["lora"]["alpha"],
+                             lora_dropout=cfg["lora"]["dropout"], target_modules="all-linear")
+    timer = _loop_timer()
+    set_seed(hp["seed"])  # before the adapter is initialised, as the recipe does
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds["train"], eval_dataset=ds["eval"],
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
+    mark("build_trainer_done")
+    trainer.train()
+    out = timer.result(trainer.state)
+    out["eval_loss"] = trainer.evaluate()["eval_loss"]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    mode, config = argv[0], json.loads(Path(argv[1]).read_text())
+    profiler = None
+    if config.get("profile"):
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.005)
+        profiler.start()
+    out = {"ours": ours, "plain": plain}[mode](config)
+    if profiler is not None:
+        profiler.stop()
+        Path(config["profile"]).write_text(profiler.output_text(unicode=True, color=False, show_all=False))
+    out["marks"] = MARKS
+    write_result(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
