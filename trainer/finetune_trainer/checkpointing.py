@@ -92,7 +92,7 @@ class CheckpointSync(TrainerCallback):
     ) -> TrainerControl:
         if state.is_world_process_zero:
             step = state.global_step
-            local = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            local = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
             uri = storage.checkpoint_uri(self.checkpoints_uri, step)
             storage.publish(local, uri, kind="checkpoint", step=step)
             self.last_checkpoint = Checkpoint(step=step, uri=uri, time=datetime.now(UTC))

@@ -86,7 +86,8 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         # Jitter (75-100 %) so that many pods do not hammer a recovering endpoint in lockstep.
-        return min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.75, 1.0)
+        backoff: float = min(self.max_delay_s, self.base_delay_s * 2.0 ** (attempt - 1))
+        return backoff * random.uniform(0.75, 1.0)
 
 
 #: The policy every operation uses; about 35-50 s of retrying before a transient error surfaces.
@@ -361,9 +362,11 @@ def publish(
     put_kwargs: dict[str, Any] = {} if _is_local(fs) else {"chunksize": MULTIPART_CHUNK_BYTES}
     for rel, path in files:
         target = f"{root}/{rel}"
-        _retry(
-            "upload to", _join(dest_uri, rel), lambda p=path, t=target: fs.put_file(str(p), t, **put_kwargs)
-        )
+
+        def upload(p: Path = path, t: str = target) -> None:
+            fs.put_file(str(p), t, **put_kwargs)
+
+        _retry("upload to", _join(dest_uri, rel), upload)
         log.debug("uploaded %s", _join(dest_uri, rel))
 
     # Every file must be there, at its full size, before the manifest says the prefix is complete.
@@ -495,7 +498,11 @@ def fetch(uri: str, local_dir: Path) -> Path:
         rel = key[len(root) + 1 :]
         target = local_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        _retry("download", _join(uri, rel), lambda k=key, t=target: fs.get_file(k, str(t)))
+
+        def download(k: str = key, t: Path = target) -> None:
+            fs.get_file(k, str(t))
+
+        _retry("download", _join(uri, rel), download)
     manifest_file = local_dir / MANIFEST_FILE
     if manifest_file.exists():
         _verify_local(Manifest.model_validate_json(manifest_file.read_bytes()), local_dir, uri)
