@@ -18,13 +18,18 @@ block into these: the SFT recipe calls it once and gets the mixed dataset and th
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
 
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PENALTY_LOG_KEY = "continual_penalty"
@@ -288,3 +293,140 @@ def _rows(data: Any) -> Iterable[dict[str, Any]]:
         return data
     keep = [c for c in data.column_names if c in ("input_ids", "attention_mask", "labels", "completion_mask")]
     return [dict(row) for row in data.select_columns(keep)]
+
+
+# --- The SFT recipe's entry points ---------------------------------------------------------------
+
+
+def start_model(spec: Any, loaded: Any, peft_cfg: Any | None, workdir: Path) -> Any:
+    """The model to train. Without `objective.continual`: `methods.apply` (base + method). With it,
+    training starts from the earlier artifact at `continual.fromArtifact`:
+
+    - an adapter folder (adapter_config.json): with a PEFT method, that adapter is trained further
+      (it must be the same PEFT type); with full, it is merged into the base and every weight trains;
+    - a full model folder (config.json): loaded in place of the base, then the method is applied.
+    """
+    from . import methods, uris
+
+    cont = spec.objective.continual
+    if cont is None:
+        return methods.apply(loaded.model, peft_cfg)
+    path = uris.resolve(cont.from_artifact, workdir / "continual")
+    if path is None or not path.is_dir():
+        raise ConfigError(
+            f"objective.continual.fromArtifact {cont.from_artifact}: not a folder of a saved model"
+        )
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        kind = PeftConfig.from_pretrained(str(path)).peft_type
+        if peft_cfg is None:
+            model = PeftModel.from_pretrained(loaded.model, str(path)).merge_and_unload()
+            return methods.apply(model, None)
+        if kind != peft_cfg.peft_type:
+            raise ConfigError(
+                f"objective.continual.fromArtifact {cont.from_artifact}: holds a {kind} adapter but "
+                f"method.type is {spec.method.type}"
+            )
+        log.info("continual: training the adapter at %s further", cont.from_artifact)
+        return PeftModel.from_pretrained(loaded.model, str(path), is_trainable=True)
+    if (path / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=loaded.model.dtype)
+        loaded.model = model
+        return methods.apply(model, peft_cfg)
+    raise ConfigError(
+        f"objective.continual.fromArtifact {cont.from_artifact}: neither an adapter (adapter_config.json) "
+        "nor a full model (config.json)"
+    )
+
+
+@dataclass
+class SftContinual:
+    """The continual pieces of an SFT run: training set, trainer class, earlier held-out data."""
+
+    train: Any
+    trainer_cls: type
+    anchor: WeightAnchor | None
+    earlier_eval: Any | None
+    replay_rows: int = 0
+
+
+def _collate_one(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    # One example at a time: no padding needed.
+    return {
+        "input_ids": torch.tensor([rows[0]["input_ids"]]),
+        "labels": torch.tensor([rows[0]["labels"]]),
+    }
+
+
+def for_sft(
+    spec: Any, model: torch.nn.Module, tokenizer: Any, train: Any, workdir: Path, trainer_cls: type
+) -> SftContinual:
+    """Replay, regularisation and the earlier task's held-out split for the SFT recipe.
+
+    The replay data (same format as the new data) is split as data.load_splits splits any data:
+    its train part is what gets replayed, its held-out part measures forgetting.
+    """
+    from . import data
+
+    cont = spec.objective.continual
+    if cont is None:
+        return SftContinual(train, trainer_cls, None, None)
+    earlier_train = earlier_eval = None
+    if cont.replay is not None:
+        earlier_ds = spec.dataset.model_copy(
+            update={
+                "train": cont.replay.data,
+                "validation": None,
+                "max_samples": None,
+                "validation_split": spec.dataset.validation_split or 0.1,
+            }
+        )
+        splits = data.load_splits(earlier_ds, workdir, spec.hyperparameters.seed)
+        earlier_train = data.tokenize_rows(splits.train, tokenizer, earlier_ds, "replay")
+        earlier_eval = data.tokenize_rows(splits.eval, tokenizer, earlier_ds, "replay validation")
+    setup = build_continual(
+        cont, model, trainer_cls, train, earlier_train, _collate_one, spec.hyperparameters.seed
+    )
+    added = len(setup.train) - len(train)
+    log.info(
+        "continual: %d replay rows mixed into %d new rows; regularisation %s",
+        added,
+        len(train),
+        cont.regularization.type if cont.regularization else "none",
+    )
+    return SftContinual(setup.train, setup.trainer_cls, setup.anchor, earlier_eval, added)
+
+
+def earlier_loss(trainer: Any, cont: SftContinual) -> float | None:
+    """Loss on the earlier task's held-out data (None without replay data)."""
+    if cont.earlier_eval is None:
+        return None
+    out = trainer.evaluate(eval_dataset=cont.earlier_eval, metric_key_prefix="earlier")
+    return float(out["earlier_loss"])
+
+
+def report(cont: SftContinual, before: float | None, after: float | None) -> dict[str, Any]:
+    """The `continual` section of metrics.json."""
+    out: dict[str, Any] = {"replayRows": cont.replay_rows}
+    if cont.anchor is not None:
+        out["regularization"] = cont.anchor.kind
+        out["distanceFromStart"] = cont.anchor.distance()
+    if before is not None and after is not None:
+        r = forgetting_report(before, after)
+        out.update(
+            {
+                "earlierTaskLossBefore": r["earlier_task_loss_before"],
+                "earlierTaskLossAfter": r["earlier_task_loss_after"],
+                "forgetting": r["forgetting"],
+            }
+        )
+    return out
+
+
+def summary(section: dict[str, Any]) -> dict[str, float]:
+    """Headline numbers of the `continual` section for the termination message."""
+    keys = ("earlierTaskLossBefore", "earlierTaskLossAfter", "forgetting", "distanceFromStart")
+    return {k: float(section[k]) for k in keys if isinstance(section.get(k), (int, float))}
