@@ -116,14 +116,19 @@ class _Converter:
             out["x-kubernetes-validations"] = x_validations(model.rules)
         if not self.keep_defaults:
             return
-        # default_factory fields: an empty object lets the API server fill nested defaults.
+        # default_factory fields: the default object in full. (An empty object would let the API
+        # server fill nested defaults, but it validates defaults against the CEL rules first, and
+        # rules reading a required or defaulted field fail on `{}`: "no such key".)
         for name, field in model.model_fields.items():
             if field.default_factory is None:
                 continue
             value = field.default_factory()  # type: ignore[call-arg]
             prop = out.get("properties", {}).get(field.alias or name)
             if prop is not None:
-                prop["default"] = {} if isinstance(value, BaseModel) else value
+                prop["default"] = (
+                    value.model_dump(by_alias=True, exclude_none=True, mode="json")
+                    if isinstance(value, BaseModel) else value
+                )
 
 
 def spec_schema() -> dict[str, Any]:
