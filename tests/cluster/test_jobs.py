@@ -59,7 +59,7 @@ def test_gpu_pod_without_toleration_stays_pending(cluster: TestCluster, namespac
 
     wait_until(unschedulable, 30, "the scheduler to report the pod Unschedulable")
     [pod] = job_pods(cluster, namespace, "untolerated")
-    assert "nvidia.com/gpu: present" in condition(pod, "PodScheduled")["message"]
+    assert "untolerated taint" in condition(pod, "PodScheduled")["message"]
 
 
 def test_job_driven_to_fail_with_exit_code_3(cluster: TestCluster, namespace: str) -> None:

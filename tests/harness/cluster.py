@@ -33,7 +33,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOLS_BIN = Path(os.environ.get("FINETUNE_TOOLS_BIN", str(REPO_ROOT / ".tools" / "bin"))).resolve()
 STAGES_DIR = Path(__file__).resolve().parent / "stages"
-CRDS_DIR = REPO_ROOT / "crds"
+#: The CRDs every cluster installs (FINETUNE_CRDS_DIR overrides it, e.g. to debug a broken CRD).
+CRDS_DIR = Path(os.environ.get("FINETUNE_CRDS_DIR", str(REPO_ROOT / "crds"))).resolve()
 #: State of the cluster `make cluster` starts (fixed, so `make cluster-down` finds it).
 DEV_STATE_DIR = REPO_ROOT / ".tools" / "cluster"
 #: Test sessions put their cluster in a directory of their own under here.
@@ -234,7 +235,7 @@ def _processes_of(marker: str) -> list[int]:
     return pids
 
 
-def _terminate(pids: Iterable[int], marker: str, grace: float = 5.0) -> None:
+def _terminate(pids: Iterable[int], marker: str, grace: float = 2.0) -> None:
     """SIGTERM (to the process group when the process leads one), then SIGKILL after grace."""
     targets = [p for p in set(pids) if _pid_alive(p) and _is_ours(p, marker)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -523,6 +524,11 @@ class TestCluster:
             "kubeAuthorization": True,
             "disableQPSLimits": True,
         }
+        # Ports from the kernel's ephemeral range: kwokctl's own choice (counting down from 32767,
+        # checked but not held) can collide when two clusters are created at the same moment.
+        for key in ("kubeApiserverPort", "etcdPort", "etcdPeerPort", "kubeControllerManagerPort",
+                    "kubeSchedulerPort", "kwokControllerPort"):
+            options[key] = free_port()
         conf = {
             "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
             "kind": "KwokctlConfiguration",
@@ -727,10 +733,8 @@ def reap_stale_test_clusters(root: Path = TEST_STATE_ROOT) -> None:
     if not root.is_dir():
         return
     for d in root.iterdir():
-        try:
-            owner = int((d / "owner.pid").read_text())
-        except (OSError, ValueError):
-            owner = -1
+        # Each session names its directory after its pid (harness.cluster_plugin).
+        owner = int(d.name) if d.name.isdigit() else -1
         if owner > 0 and owner != os.getpid() and _pid_alive(owner):
             continue
         _terminate(_processes_of(str(d.resolve())), str(d.resolve()))
