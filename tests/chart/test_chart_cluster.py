@@ -254,21 +254,28 @@ def test_operator_with_the_chart_service_account_runs_a_job_and_needs_every_rule
     assert failure is None, f"with every rule: {failure}\n{(tmp_path / f'operator-{namespace}-full.log').read_text()[-3000:]}"
     took = time.monotonic() - started
 
+    # Each rule of the namespace's Role, and the cluster-wide namespaces rule, removed in turn.
+    cluster_role = cluster.get_json("clusterrole", f"{role_name}-namespaces")
+    candidates = [(role, i) for i in range(len(rules))] + [(cluster_role, i) for i in range(len(cluster_role["rules"]))]
     superfluous = []
     try:
-        for i, rule in enumerate(rules):
-            reduced = {**role, "rules": rules[:i] + rules[i + 1:]}
-            reduced["metadata"] = {k: v for k, v in role["metadata"].items()
-                                   if k in ("name", "namespace", "labels", "annotations")}
+        for obj, i in candidates:
+            reduced = strip(obj) | {"rules": obj["rules"][:i] + obj["rules"][i + 1:]}
             cluster.apply(reduced)
-            # Generous against a slow machine, but far below what a working run needs twice over.
-            failure = run_as_service_account(cluster, namespace, kubeconfig, tmp_path, f"minus{i}",
-                                             deadline=max(25.0, 2 * took))
+            try:
+                # Generous against a slow machine, but far below what a working run needs twice over.
+                failure = run_as_service_account(cluster, namespace, kubeconfig, tmp_path,
+                                                 f"{obj['kind'].lower()}-minus{i}", deadline=max(25.0, 2 * took))
+            finally:
+                cluster.apply(strip(obj))
             if failure is None:
-                superfluous.append(rule)
+                superfluous.append((obj["kind"], obj["rules"][i]))
     finally:
-        restore = {**role, "metadata": {k: v for k, v in role["metadata"].items()
-                                        if k in ("name", "namespace", "labels", "annotations")}}
-        cluster.apply(restore)
         helm(cluster, "uninstall", release, "-n", namespace, check=False)
     assert not superfluous, f"the lifecycle works without these rules, drop them from the chart: {superfluous}"
+
+
+def strip(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object as it can be applied again (no resourceVersion, uid, managedFields...)."""
+    meta = {k: v for k, v in obj["metadata"].items() if k in ("name", "namespace", "labels", "annotations")}
+    return {**obj, "metadata": meta}
