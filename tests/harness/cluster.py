@@ -317,6 +317,7 @@ class MinioServer:
             )
         self.pid = self._proc.pid
         (self.state_dir / "minio.pid").write_text(str(self.pid))
+        atexit.register(self.stop)
 
     def ready(self) -> bool:
         if self._proc is not None and self._proc.poll() is not None:
@@ -340,6 +341,11 @@ class MinioServer:
             with contextlib.suppress(Exception):
                 self._proc.wait(timeout=5)
         self.pid = None
+        atexit.unregister(self.stop)
+
+    def detach(self) -> None:
+        """Leaves the server running when this process exits (`up`)."""
+        atexit.unregister(self.stop)
 
     def to_dict(self) -> dict[str, Any]:
         return {"endpoint": self.endpoint, "port": self.port, "pid": self.pid, "env": self.env,
@@ -500,9 +506,13 @@ class TestCluster:
             _terminate(leftovers, marker)
         if not keep_state and not os.environ.get("FINETUNE_KEEP_CLUSTER_STATE"):
             shutil.rmtree(self.state_dir, ignore_errors=True)
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.stop)
+        atexit.unregister(self.stop)
         self._started = False
+
+    def detach(self) -> None:
+        """Leaves the cluster running when this process exits (`up`)."""
+        atexit.unregister(self.stop)
+        self.minio.detach()
 
     def _clean_state(self) -> None:
         if self.state_dir.exists():
@@ -791,7 +801,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         print(f"cluster up failed: {exc}", file=sys.stderr)
         return 1
     # Leave it running: the processes are in sessions of their own and outlive this one.
-    atexit.unregister(cluster.stop)
+    cluster.detach()
     print(f"# cluster up in {cluster.timings['total']:.1f}s (make cluster-down stops it)")
     print(cluster.summary())
     return 0

@@ -30,6 +30,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +49,19 @@ from harness.cluster import (
 )
 
 __all__ = ["KubectlError"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A SIGTERM (CI timeout, `timeout`, a killed make) becomes KeyboardInterrupt, so pytest still
+    # runs the session teardown and no cluster process outlives the run.
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+
+
+def _sigterm_to_interrupt(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @pytest.fixture(scope="session")
