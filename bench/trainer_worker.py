@@ -79,7 +79,8 @@ def spec_dict(cfg: dict[str, Any]) -> dict[str, Any]:
                     "maxSeqLength": cfg["max_length"], "packing": cfg.get("packing", False)},
         "method": {"type": "lora", "lora": {"r": cfg["lora"]["r"], "alpha": cfg["lora"]["alpha"],
                                             "dropout": cfg["lora"]["dropout"]}},
-        "hyperparameters": {"maxSteps": hp["max_steps"], "batchSize": hp["batch_size"],
+        "hyperparameters": {**({"maxSteps": hp["max_steps"]} if hp["max_steps"] else {}),
+                            "epochs": 1, "batchSize": hp["batch_size"],
                             "learningRate": hp["learning_rate"], "warmupRatio": hp["warmup_ratio"],
                             "scheduler": hp["scheduler"], "seed": hp["seed"], "weightDecay": hp["weight_decay"],
                             "maxGradNorm": hp["max_grad_norm"], "optimizer": hp["optimizer"]},
@@ -138,7 +139,7 @@ def plain(cfg: dict[str, Any]) -> dict[str, Any]:
     mark("prepare_sft_done")
     args = SFTConfig(
         output_dir=str(Path(cfg["output"]) / "checkpoints"),
-        max_steps=hp["max_steps"], per_device_train_batch_size=hp["batch_size"],
+        max_steps=hp["max_steps"] or -1, num_train_epochs=1, per_device_train_batch_size=hp["batch_size"],
         per_device_eval_batch_size=hp["batch_size"], learning_rate=hp["learning_rate"],
         lr_scheduler_type=hp["scheduler"], warmup_steps=float(hp["warmup_ratio"]),
         weight_decay=hp["weight_decay"], optim=hp["optimizer"], max_grad_norm=hp["max_grad_norm"],

@@ -1,0 +1,210 @@
+"""bench/results.json -> headline figures and bench/RESULTS.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import fmt
+
+TARGETS = {
+    "trainer_overhead_ratio": (">=", 1.0),
+    "packing_speedup": (">=", 1.5),
+    "operator_p99_create_s_1000": ("<=", 1.0),
+    "operator_rss_mib_1000": ("<=", 250.0),
+    "api_writes_per_job": ("<=", 15.0),
+}
+
+
+def _median(section: dict[str, Any] | None, *path: str) -> float | None:
+    node: Any = section
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    if isinstance(node, dict):
+        node = node.get("median")
+    return float(node) if isinstance(node, (int, float)) else None
+
+
+def headline(sections: dict[str, Any]) -> dict[str, Any]:
+    op = sections.get("operator") or {}
+    big = (op.get("sizes") or {}).get("1000") or {}
+    return {
+        "trainer_overhead_ratio": _median(sections.get("overhead"), "tokens_per_s_ratio"),
+        "packing_speedup": _median(sections.get("packing"), "speedup"),
+        "operator_p99_create_s_1000": _median(big, "probe_latency_s", "p99"),
+        "operator_rss_mib_1000": _median(big, "operator_peak_rss_mib"),
+        "api_writes_per_job": _median(big or op.get("largest") or {}, "operator_writes_per_job"),
+    }
+
+
+def _verdict(key: str, value: float | None) -> str:
+    if value is None:
+        return "not measured"
+    op, target = TARGETS[key]
+    ok = value >= target if op == ">=" else value <= target
+    return "met" if ok else "MISSED"
+
+
+def _meta(section: dict[str, Any]) -> str:
+    m = section.get("_meta", {})
+    quick = ", quick mode" if m.get("quick") else ""
+    return (f"_Run {m.get('date', '?')}, {m.get('runs', '?')} run(s) per side{quick}, {m.get('seconds', '?')} s, "
+            f"load average (1 min) {m.get('load_average_1m', '?')} before/after._")
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    mach = doc["machine"]
+    v = mach["versions"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`python -m bench.run`); do not edit by hand. Every figure is the median",
+        "over the runs, with (min-max); the two sides of each comparison ran alternately (A B A B), each",
+        "run in a fresh process. Machine-readable: `bench/results.json`.",
+        "",
+        f"- Machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory_gib']} GiB, {mach['os']}",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- Written: {mach['date']}; load average at start {mach['load_average_at_start']} (other work shared "
+        "this machine; see each section's load)",
+        "",
+        "## Headline",
+        "",
+        "| figure | value | target | |",
+        "|---|---|---|---|",
+    ]
+    for key, (op, target) in TARGETS.items():
+        value = doc.get(key)
+        shown = "-" if value is None else f"{value:.3g}"
+        lines.append(f"| `{key}` | {shown} | {op} {target:g} | {_verdict(key, value)} |")
+    s = doc["sections"]
+    if "overhead" in s:
+        lines += _overhead(s["overhead"])
+    if "packing" in s:
+        lines += _packing(s["packing"])
+    if "startup" in s:
+        lines += _startup(s["startup"])
+    if "operator" in s:
+        lines += _operator(s["operator"])
+    notes = doc.get("notes") or []
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _overhead(o: dict[str, Any]) -> list[str]:
+    c = o["config"]
+    ours, plain = o["losses_ours"], o["losses_plain"]
+    shown = sorted({0, 1, 2, len(ours) // 2, len(ours) - 2, len(ours) - 1} & set(range(len(ours))))
+    lines = [
+        "",
+        "## 1. Trainer overhead: our `lora` recipe vs a plain TRL `SFTTrainer` script",
+        "",
+        _meta(o),
+        "",
+        f"Same tiny random Llama ({c['model']['hidden_size']} hidden, {c['model']['num_hidden_layers']} layers), "
+        f"same data files, seed, LoRA r={c['lora']['r']}, {c['steps']} steps of batch {c['batch_size']}, fp32 "
+        "on CPU. Tokens/s counts only the training loop, the same way on both sides (Trainer's non-padding "
+        "input tokens from `on_train_begin` to the last optimizer step's `on_step_end`).",
+        "",
+        "| | ours | plain TRL | ratio ours/plain |",
+        "|---|---|---|---|",
+        f"| tokens/s (training loop) | {fmt(o['ours_tokens_per_s'], 0)} | {fmt(o['plain_tokens_per_s'], 0)} | "
+        f"{fmt(o['tokens_per_s_ratio'], 3)} |",
+        f"| peak RSS (MiB, whole process) | {fmt(o['ours_peak_rss_mib'], 0)} | {fmt(o['plain_peak_rss_mib'], 0)} | "
+        f"{fmt(o['peak_rss_ratio'], 3)} |",
+        f"| wall time of the process (s) | {fmt(o['ours_wall_s'], 1)} | {fmt(o['plain_wall_s'], 1)} | |",
+        f"| final eval loss | {o['eval_loss_ours']:.6f} | {o['eval_loss_plain']:.6f} | |",
+        "",
+        f"Training loss, step by step (max absolute difference over all {len(ours)} steps: "
+        f"{o['loss_max_abs_diff']}; every run of both sides identical: {o['loss_runs_identical']}):",
+        "",
+        "| step | ours | plain |",
+        "|---|---|---|",
+        *[f"| {i + 1} | {ours[i]:.6f} | {plain[i]:.6f} |" for i in shown],
+        "",
+        "What our recipe adds outside the training loop (median seconds per run): "
+        + ", ".join(f"{k} {fmt(val, 2)}" for k, val in o["ours_phases_s"].items())
+        + ". `evaluate` is the eval before (baseline) and after training; `save` the adapter + tokenizer; "
+        "`publish` the copy to the output URI with manifest.json last. Inside the loop ours also runs the "
+        "metrics endpoint, the checkpoint callbacks and logs every step (the plain script logs every step too).",
+    ]
+    return lines
+
+
+def _packing(p: dict[str, Any]) -> list[str]:
+    c, tl = p["config"], p["token_lengths"]
+    return [
+        "",
+        "## 2. Packing (padding-free) vs padded batches",
+        "",
+        _meta(p),
+        "",
+        f"{c['rows']} chat rows (messages format, ChatML), token lengths {tl['min']}-{tl['max']} (spread "
+        f"{tl['spread']}x, median {tl['median']}, mean {tl['mean']}); one epoch each, so both train on the "
+        f"same {p['real_tokens']['dataset']} real tokens; our recipe with `dataset.packing` true (TRL bfd, "
+        f"padding-free, batch {c['packed_batch']} x {c['max_length']}) vs false (batch {c['padded_batch']} "
+        "padded to the longest row). Tiny random Llama, LoRA, fp32 on CPU.",
+        "",
+        "| | packed | padded | speedup |",
+        "|---|---|---|---|",
+        f"| real (non-pad) tokens/s | {fmt(p['packed_tokens_per_s'], 0)} | {fmt(p['padded_tokens_per_s'], 0)} | "
+        f"{fmt(p['speedup'], 2)} |",
+        f"| optimizer steps | {p['steps']['packed']} | {p['steps']['padded']} | |",
+        f"| real tokens counted by the Trainer | {p['real_tokens']['packed']} | {p['real_tokens']['padded']} | |",
+        f"| final eval loss (base {p['base_eval_loss']:.4f}) | {fmt(p['eval_loss_packed'], 4)} | "
+        f"{fmt(p['eval_loss_padded'], 4)} | |",
+    ]
+
+
+def _startup(s: dict[str, Any]) -> list[str]:
+    from .trainer_bench import STARTUP_MARKS
+
+    names = [n for n in s if not n.startswith("_")]
+    lines = [
+        "",
+        "## 3. Start-up: process start to the first optimizer step (our recipe, `run_job`)",
+        "",
+        _meta(s),
+        "",
+        "Seconds since the parent started the process, at each point (median, min-max):",
+        "",
+        "| point | " + " | ".join(f"{n} ({s[n]['parameters'] / 1e6:.1f} M params)" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for key, label in STARTUP_MARKS:
+        cells = [fmt(s[n]["marks_s"][key], 1) if key in s[n]["marks_s"] else "-" for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| peak RSS (MiB) | " + " | ".join(fmt(s[n]["peak_rss_mib"], 0) for n in names) + " |")
+    for n in names:
+        if s[n].get("profile_top"):
+            lines += ["", f"pyinstrument profile of one {n} run (whole run, 1 step; full text in the run folder):",
+                      "", "```", s[n]["profile_top"], "```"]
+    return lines
+
+
+def _operator(o: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## 4. Operator at scale (local test cluster: real kube-apiserver, etcd, controllers, kwok nodes)",
+        "",
+        _meta(o),
+        "",
+        o.get("method", ""),
+        "",
+        "| FineTuneJobs | burst create->Job p50 / p99 (s) | all Running (s) | probe create->Job at N live p50 / p99 (s) "
+        "| operator peak RSS (MiB) | operator writes / job | operator reads / job | all clients' writes / job |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, r in sorted(o.get("sizes", {}).items(), key=lambda kv: int(kv[0])):
+        b, pr = r["burst_latency_s"], r.get("probe_latency_s") or {}
+        probe = f"{pr['p50']:.3f} / {pr['p99']:.3f}" if pr else "-"
+        lines.append(
+            f"| {n} | {b['p50']:.3f} / {b['p99']:.3f} | {r['all_running_s']:.1f} | {probe} | "
+            f"{r['operator_peak_rss_mib']:.0f} | {r['operator_writes_per_job']:.1f} | "
+            f"{r['operator_reads_per_job']:.1f} | {r['all_writes_per_job']:.1f} |")
+    for n, r in sorted(o.get("sizes", {}).items(), key=lambda kv: int(kv[0])):
+        if r.get("operator_writes_by_verb"):
+            lines += ["", f"Operator writes at {n} jobs by verb/resource: "
+                      + ", ".join(f"{k} {val}" for k, val in sorted(r["operator_writes_by_verb"].items()))]
+    return lines

@@ -1,0 +1,177 @@
+"""Trainer benchmarks (parent side): overhead vs plain TRL, packing vs padding, start-up.
+
+Every run is a fresh child process (bench.trainer_worker); the two sides of a comparison
+alternate A B A B so that drifting machine load hits both alike.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+from . import fixtures
+from .common import Child, run_child, summary
+
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
+
+
+def hyperparameters(max_steps: int | None, batch_size: int) -> dict[str, Any]:
+    return {"max_steps": max_steps, "batch_size": batch_size, "learning_rate": 1e-3, "warmup_ratio": 0.1,
+            "scheduler": "cosine", "seed": 7, "weight_decay": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw_torch"}
+
+
+def _run(mode: str, cfg: dict[str, Any], workdir: Path, tag: str) -> Child:
+    run_dir = workdir / tag
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    cfg = {**cfg, "output": str(run_dir / "out")}
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    child = run_child(["-m", "bench.trainer_worker", mode, str(run_dir / "config.json")], run_dir / "run.log")
+    # Keep the log and result; drop the artifact and scratch (models can be large).
+    shutil.rmtree(run_dir / "out", ignore_errors=True)
+    shutil.rmtree(run_dir / "scratch", ignore_errors=True)
+    return child
+
+
+def overhead(runs: int, steps: int, workdir: Path) -> dict[str, Any]:
+    """Our lora recipe vs a plain TRL SFTTrainer script: tokens/s and peak RSS ratios, losses."""
+    model = fixtures.model_dir("tiny")
+    train, held = fixtures.facts_data()
+    cfg = {"model": str(model), "train": str(train), "eval": str(held), "format": "prompt_completion",
+           "max_length": 128, "hp": hyperparameters(steps, 8), "lora": LORA}
+    ours: list[Child] = []
+    plain: list[Child] = []
+    for i in range(runs):
+        ours.append(_run("ours", cfg, workdir, f"overhead-ours-{i}"))
+        plain.append(_run("plain", cfg, workdir, f"overhead-plain-{i}"))
+    ratios = [a.result["tokens_per_s"] / b.result["tokens_per_s"] for a, b in zip(ours, plain, strict=True)]
+    rss_ratios = [a.peak_rss_mib / b.peak_rss_mib for a, b in zip(ours, plain, strict=True)]
+    ours_losses, plain_losses = ours[0].result["losses"], plain[0].result["losses"]
+    diffs = [abs(x - y) for x, y in zip(ours_losses, plain_losses, strict=False)]
+    phase_names = sorted({k for c in ours for k in c.result["phases"]})
+    return {
+        "config": {"model": fixtures.MODELS["tiny"], "steps": steps, "batch_size": 8, "max_length": 128,
+                   "lora": LORA, "rows": "facts (prompt/completion)"},
+        "ours_tokens_per_s": summary([c.result["tokens_per_s"] for c in ours]),
+        "plain_tokens_per_s": summary([c.result["tokens_per_s"] for c in plain]),
+        "tokens_per_s_ratio": summary(ratios),
+        "ours_peak_rss_mib": summary([c.peak_rss_mib for c in ours]),
+        "plain_peak_rss_mib": summary([c.peak_rss_mib for c in plain]),
+        "peak_rss_ratio": summary(rss_ratios),
+        "tokens_per_run": ours[0].result["tokens"],
+        "losses_ours": ours_losses,
+        "losses_plain": plain_losses,
+        "loss_max_abs_diff": max(diffs) if diffs else None,
+        "loss_runs_identical": all(c.result["losses"] == ours_losses for c in ours)
+        and all(c.result["losses"] == ours_losses for c in plain),
+        "eval_loss_ours": ours[0].result["eval_loss"],
+        "eval_loss_plain": plain[0].result["eval_loss"],
+        "ours_phases_s": {k: summary([c.result["phases"].get(k, 0.0) for c in ours]) for k in phase_names},
+        "ours_wall_s": summary([c.wall_s for c in ours]),
+        "plain_wall_s": summary([c.wall_s for c in plain]),
+    }
+
+
+def packing(runs: int, workdir: Path, rows: int = 384, padded_batch: int = 16) -> dict[str, Any]:
+    """One epoch of variable-length chat data, packed (padding-free) vs padded batches, both
+    through our recipe: the same real tokens either way; real tokens per second and eval loss."""
+    model = fixtures.model_dir("tiny")
+    train, held = fixtures.chat_data(rows)
+    lengths = fixtures.token_lengths(train)
+    max_length = 512
+    mean = statistics.mean(lengths)
+    # About as many real tokens per optimizer step on both sides, so the step counts (and so the
+    # eval losses) are comparable: `padded_batch` rows padded vs rows of `max_length` packed.
+    packed_batch = max(1, round(padded_batch * mean / max_length))
+    base = {"model": str(model), "train": str(train), "eval": str(held), "format": "messages",
+            "max_length": max_length, "lora": LORA}
+    packed_cfg = {**base, "packing": True, "hp": hyperparameters(None, packed_batch)}
+    padded_cfg = {**base, "packing": False, "hp": hyperparameters(None, padded_batch)}
+    packed: list[Child] = []
+    padded: list[Child] = []
+    for i in range(runs):
+        packed.append(_run("ours", packed_cfg, workdir, f"packing-packed-{i}"))
+        padded.append(_run("ours", padded_cfg, workdir, f"packing-padded-{i}"))
+    speedups = [a.result["tokens_per_s"] / b.result["tokens_per_s"] for a, b in zip(packed, padded, strict=True)]
+    return {
+        "config": {"model": fixtures.MODELS["tiny"], "rows": len(lengths), "max_length": max_length,
+                   "padded_batch": padded_batch, "packed_batch": packed_batch, "epochs": 1},
+        "token_lengths": {"min": min(lengths), "median": statistics.median(lengths), "mean": round(mean, 1),
+                          "max": max(lengths), "spread": round(max(lengths) / min(lengths), 1)},
+        "real_tokens": {"packed": packed[0].result["tokens"], "padded": padded[0].result["tokens"],
+                        "dataset": sum(lengths)},
+        "steps": {"packed": packed[0].result["steps"], "padded": padded[0].result["steps"]},
+        "packed_tokens_per_s": summary([c.result["tokens_per_s"] for c in packed]),
+        "padded_tokens_per_s": summary([c.result["tokens_per_s"] for c in padded]),
+        "speedup": summary(speedups),
+        "eval_loss_packed": summary([c.result["eval_loss"] for c in packed]),
+        "eval_loss_padded": summary([c.result["eval_loss"] for c in padded]),
+        "base_eval_loss": packed[0].result["base_eval_loss"],
+    }
+
+
+#: What the start-up marks mean, in order (seconds since the parent started the process).
+STARTUP_MARKS = [
+    ("imports", "imports done (torch, transformers, trl, peft, our packages)"),
+    ("load_model_done", "model + tokenizer loaded"),
+    ("prepare_sft_done", "data read, checked, tokenized"),
+    ("build_trainer_done", "PEFT wrap + SFTTrainer built"),
+    ("evaluate_done", "baseline eval of the base model"),
+    ("train_begin", "trainer.train() entered (checkpoint restore check, dataloader)"),
+    ("first_optimizer_step", "first optimizer step done"),
+]
+
+
+def startup(runs: int, workdir: Path, models: tuple[str, ...] = ("tiny", "100m"), profile: bool = True) -> dict[str, Any]:
+    """Process start to the first optimizer step of our recipe; where the time goes."""
+    train, held = fixtures.facts_data()
+    out: dict[str, Any] = {}
+    for name in models:
+        model = fixtures.model_dir(name)
+        cfg = {"model": str(model), "train": str(train), "eval": str(held), "format": "prompt_completion",
+               "max_length": 128, "hp": hyperparameters(1, 4), "lora": LORA}
+        children = [_run("ours", cfg, workdir, f"startup-{name}-{i}") for i in range(runs)]
+        marks = {k: summary([c.result["marks"][k] for c in children if k in c.result["marks"]])
+                 for k, _ in STARTUP_MARKS if all(k in c.result["marks"] for c in children)}
+        entry: dict[str, Any] = {
+            "parameters": _parameters(model),
+            "first_step_s": marks["first_optimizer_step"],
+            "marks_s": marks,
+            "peak_rss_mib": summary([c.peak_rss_mib for c in children]),
+        }
+        if profile:
+            prof = workdir / f"startup-{name}-profile.txt"
+            _run("ours", {**cfg, "profile": str(prof)}, workdir, f"startup-{name}-profiled")
+            entry["profile"] = str(prof)
+            entry["profile_top"] = _profile_top(prof)
+        out[name] = entry
+    return out
+
+
+def _parameters(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                total += _numel(st.get_slice(k).get_shape())
+    return total
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _profile_top(path: Path, lines: int = 45) -> str:
+    """The head of a pyinstrument text profile (the big frames)."""
+    try:
+        return "\n".join(path.read_text().splitlines()[:lines])
+    except OSError:
+        return ""
