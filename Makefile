@@ -52,8 +52,10 @@ cluster: venv tools
 cluster-down: venv
 	PYTHONPATH=tests $(PY) -m harness.cluster down
 
+# Benchmarks (trainer vs plain TRL, packing, start-up, operator at 1,000 jobs): rewrites bench/RESULTS.md.
+# Sub-select with BENCH_ARGS, e.g. make bench BENCH_ARGS='--only overhead,packing --runs 5'.
 bench: venv tools
-	$(PY) -m bench.run
+	PYTHONPATH=tests $(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
