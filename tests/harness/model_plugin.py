@@ -121,6 +121,10 @@ def _train_tokenizer(out: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     corpus = [r["prompt"] + r["completion"] for r in _rows()] + [
         "You name colors. Name the color. user assistant system I do not know.",
+        # The Alpaca prompt (finetune_trainer.data.ALPACA_PROMPT), so alpaca rows stay short.
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\n\n### Input:\n"
+        "\n### Response:\n",
     ]
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
