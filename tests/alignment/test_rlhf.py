@@ -45,22 +45,41 @@ def test_reward_model_ranks_held_out_pairs(reward_run: RunResult) -> None:
     assert json.loads((out / METRICS_FILE).read_text())["summary"]["rewardAccuracy"] == m["tuned"]["accuracy"]
 
 
-def test_ppo_raises_reward_and_reports_kl(reward_run: RunResult, make_spec: Callable[..., dict[str, Any]],
-                                          toy_data_dir: Path, tmp_path: Path) -> None:
+def _jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_ppo_raises_reward_and_reports_kl(make_spec: Callable[..., dict[str, Any]], toy_data_dir: Path,
+                                          tmp_path: Path) -> None:
+    """A policy that answers "The <thing> is <color>." learns to say red, which the reward model prefers."""
+    from harness.model_plugin import toy_facts
+
+    hp = {"batchSize": 8, "scheduler": "constant", "warmupRatio": 0.0, "seed": 7}
+    policy = tmp_path / "sft"
+    run_job(parse_spec(make_spec(policy, method={"type": "full"},
+                                 hyperparameters={**hp, "maxSteps": 30, "learningRate": 3e-3})), overrides=QUIET)
+    prefs = _jsonl(tmp_path / "red.jsonl", [
+        {"prompt": f"What color is the {t}?", "chosen": f" The {t} is red.",
+         "rejected": f" The {t} is {c if c != 'red' else 'blue'}."} for t, c in toy_facts()])
+    rm = tmp_path / "rm"
+    run_job(parse_spec(make_spec(rm, dataset={"train": str(prefs), "format": "preference"}, method={"type": "full"},
+                                 objective={"type": "reward"},
+                                 hyperparameters={**hp, "maxSteps": 15, "learningRate": 3e-3})), overrides=QUIET)
     spec = make_spec(
         tmp_path / "policy",
-        dataset={"train": str(toy_data_dir / "prompt_completion.jsonl"), "format": "prompt_completion",
-                 "validationSplit": 0.25},
-        objective={"type": "ppo", "ppo": {"rewardModel": reward_run.output_uri, "klCoef": 0.05,
+        model={"uri": str(policy)},
+        objective={"type": "ppo", "ppo": {"rewardModel": str(rm), "klCoef": 0.05,
                                           "responseLength": 8, "ppoEpochs": 1, "temperature": 1.0}},
-        hyperparameters={"maxSteps": 16, "batchSize": 8, "learningRate": 2e-2, "scheduler": "constant",
-                         "warmupRatio": 0.0, "seed": 7},
+        hyperparameters={**hp, "maxSteps": 16, "learningRate": 2e-2},
     )
     m = run_job(parse_spec(spec), overrides=QUIET).metrics
     r = m["rollouts"]
+    print("PPO", json.dumps(r), m["base"], m["tuned"])
     assert len(r["rewardCurve"]) == 16
-    assert r["lastRewards"] > r["firstRewards"], r["rewardCurve"]
-    assert m["tuned"]["heldOutReward"] > m["base"]["heldOutReward"]
+    assert r["lastRewards"] > r["firstRewards"] + 0.2, r["rewardCurve"]
+    # Greedy answers to held-out prompts score higher with the reward model than the start's did.
+    assert m["tuned"]["heldOutReward"] > m["base"]["heldOutReward"] + 0.3
     # KL to the starting policy is reported, and the policy did move away from it.
     assert r["finalKl"] > 0 and "finalKl" in m["summary"]
     assert m["objective"]["trainer"] == "trl.GRPOTrainer"

@@ -87,8 +87,11 @@ def setup(ctx: RecipeContext) -> Setup:
 def build_trainer(ctx: RecipeContext, s: Setup) -> Any:
     from trl import RewardConfig, RewardTrainer
 
+    kwargs = shared_args(s.spec, ctx.workdir / "checkpoints", s.precision, ctx.max_steps)
+    # Pairs arrive as chosen_ids/rejected_ids: the Trainer cannot count input tokens (it warns each step).
+    kwargs["include_num_input_tokens_seen"] = "no"
     args = RewardConfig(
-        **shared_args(s.spec, ctx.workdir / "checkpoints", s.precision, ctx.max_steps),
+        **kwargs,
         max_length=s.spec.dataset.max_seq_length,
         remove_unused_columns=False,
     )
