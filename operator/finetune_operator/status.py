@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -190,6 +191,23 @@ def failure_reason(pod: dict[str, Any]) -> str:
     return f"{Reason.FAILED}: exit code {code}{detail}"
 
 
+def _created(pod: dict[str, Any]) -> str:
+    return str(pod["metadata"].get("creationTimestamp") or "")
+
+
+def replaced_failures(pods: Iterable[dict[str, Any]], failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Failed pods followed by a newer pod of the same completion index, oldest first."""
+    by_index: dict[int, list[dict[str, Any]]] = {}
+    for pod in pods:
+        by_index.setdefault(_index(pod), []).append(pod)
+    failed_ids = {id(p) for p in failed}
+    out: list[dict[str, Any]] = []
+    for group in by_index.values():
+        group.sort(key=lambda p: (_created(p), _finished_at(p) if exit_code(p) is not None else "~"))
+        out += [p for p in group[:-1] if id(p) in failed_ids]
+    return sorted(out, key=_finished_at)
+
+
 # --- the status -------------------------------------------------------------------------------
 
 
@@ -264,7 +282,7 @@ def compute_status(
     # Disrupted pods (preempted, evicted) may be deleted soon after; count them while terminating too.
     disrupted = [p for p in pods if is_disrupted(p)]
     failed = [p for p in pods if _phase(p) == "Failed" or p in disrupted]
-    counted = max(int(jstatus.get("failed") or 0), len(failed) - len(disrupted))
+    restarted = replaced_failures(seen.pods, failed)
 
     # Progress and metrics: scraped while running; the termination message has the last word.
     status.progress = _progress(status.progress, seen.metrics, status.start_time, now)
@@ -275,14 +293,10 @@ def compute_status(
     suspended = bool((job.get("spec") or {}).get("suspend"))
     running_pods = [p for p in pods if _phase(p) == "Running" and not (p["metadata"].get("deletionTimestamp"))]
 
-    failures = counted + len(disrupted)
-    if failed_cond is not None:
-        failures = max(0, failures - 1)  # the last failure ended the job; it was not restarted
-    if failures > status.restarts:
-        status.restarts = failures
-        restarted = failed[:-1] if failed_cond is not None else failed
-        if restarted:
-            status.last_restart_reason = failure_reason(restarted[-1])
+    # A restart is a failed pod that the Job controller has replaced (a newer pod of its index).
+    if len(restarted) > status.restarts:
+        status.restarts = len(restarted)
+        status.last_restart_reason = failure_reason(restarted[-1])
 
     if failed_cond is not None:
         reason = _JOB_FAILURE_REASONS.get(str(failed_cond.get("reason")), Reason.FAILED)
@@ -347,8 +361,11 @@ def compute_status(
     if status.phase == Phase.RUNNING and seen.stalled is not None:
         set_condition(status.conditions, ConditionType.STALLED, True, Reason.STALLED, seen.stalled, now, gen)
     elif is_true(status, ConditionType.STALLED) and (status.phase != Phase.RUNNING or seen.stalled is None):
-        reason = Reason.RUNNING if status.phase == Phase.RUNNING else str(status.phase)
-        set_condition(status.conditions, ConditionType.STALLED, False, reason, "the step moves again", now, gen)
+        if status.phase == Phase.RUNNING:
+            reason, msg = Reason.RUNNING, "the step moves again"
+        else:
+            reason, msg = str(status.phase), f"no trainer pod is running (phase {status.phase})"
+        set_condition(status.conditions, ConditionType.STALLED, False, reason, msg, now, gen)
     return status
 
 

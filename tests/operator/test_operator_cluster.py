@@ -255,17 +255,35 @@ def test_stall_watchdog_marks_stalled_and_restarts_once(
     cluster.apply(manifest("stuck", namespace, annotations={STAGE_HOLD: "true",
                                                             METRICS_URL_ANNOTATION: fake_metrics.url}))
     first = wait_running_pod(cluster, namespace, "stuck")
-    st = wait_status(cluster, namespace, "stuck", lambda s: (condition(s, c.ConditionType.STALLED) or {})
-                     .get("status") == "True" and s.get("restarts") == 1, "Stalled and restarted", op=operator)
-    assert st["lastRestartReason"].startswith(c.Reason.STALLED)
-    wait_running_pod(cluster, namespace, "stuck", exclude={first["metadata"]["uid"]})
-    annotations = ftj(cluster, namespace, "stuck")["metadata"]["annotations"]
-    assert annotations[f"{c.GROUP}/stall-restarts"] == "1"
-    time.sleep(5)  # stalls again on the new pod: marked, but not restarted a second time
+    name = first["metadata"]["name"]
+
+    def evicted() -> bool:
+        pod = cluster.get_json("pod", name, "-n", namespace)
+        return bool(pod["metadata"].get("deletionTimestamp"))
+
+    wait_until(evicted, 60, "the watchdog to evict the stalled pod", interval=0.3)
+    st = ftj_status(cluster, namespace, "stuck")
+    assert st["restarts"] == 1 and st["lastRestartReason"].startswith(c.Reason.STALLED)
+    reasons = [e["reason"] for e in events(cluster, namespace, "stuck")]
+    assert c.Reason.STALLED in reasons and c.Reason.RESTARTED in reasons
+    # Play the kubelet: SIGTERM, the trainer saves a checkpoint and exits with PREEMPTED.
+    patch_pod_status(cluster, namespace, name, {
+        "phase": "Failed",
+        "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
+                               "state": {"terminated": {"exitCode": c.ExitCode.PREEMPTED, "reason": "Error",
+                                                        "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                    time.gmtime())}}}],
+    })
+    second = wait_running_pod(cluster, namespace, "stuck", exclude={first["metadata"]["uid"]})
+    # Stuck at step 5 again: marked Stalled, but restarted only once.
+    st = wait_status(cluster, namespace, "stuck", lambda s: s.get("phase") == c.Phase.RUNNING and (
+        condition(s, c.ConditionType.STALLED) or {}).get("status") == "True", "Stalled again", op=operator)
+    time.sleep(2)
     st = ftj_status(cluster, namespace, "stuck")
     assert st["restarts"] == 1 and st["phase"] == c.Phase.RUNNING
-    assert condition(st, c.ConditionType.STALLED)["status"] == "True"  # type: ignore[index]
     assert ftj(cluster, namespace, "stuck")["metadata"]["annotations"][f"{c.GROUP}/stall-restarts"] == "1"
+    assert not cluster.get_json("pod", second["metadata"]["name"], "-n", namespace)["metadata"].get(
+        "deletionTimestamp")
 
 
 def test_operator_killed_during_creation_converges_without_duplicates(
