@@ -11,14 +11,15 @@
 # it was built from (version and Go version); a group whose binaries exist and whose stamp matches
 # is skipped, so a warm run takes about a second. Only the Go module proxy is needed.
 #
-# Environment: TOOLS_JOBS (parallel build lanes, default 2), TOOLS_FORCE=1 (rebuild everything).
+# Environment: TOOLS_JOBS (parallel build lanes, default 2), TOOLS_FORCE=1 (rebuild everything),
+# TOOLS_DIR (default .tools).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 
-TOOLS="$root/.tools"
+TOOLS="${TOOLS_DIR:-$root/.tools}"   # TOOLS_DIR: build elsewhere (the tests read .tools/bin, or FINETUNE_TOOLS_BIN)
 BIN="$TOOLS/bin"
 STAMPS="$TOOLS/stamps"
 LOGS="$TOOLS/logs"
@@ -125,9 +126,9 @@ run_group() { # <group>: builds into a scratch dir, then moves the binaries in a
   bins="${g}_bins"; stamp="${g}_stamp"
   tmp="$TOOLS/tmp/$g"; rm -rf "$tmp"; mkdir -p "$tmp"
   start=$SECONDS
-  echo "make tools: building $g (${!stamp}) -> .tools/bin, log .tools/logs/$g.log"
+  echo "make tools: building $g (${!stamp}) -> $BIN, log $LOGS/$g.log"
   if ! "build_$g" "$tmp" >"$LOGS/$g.log" 2>&1; then
-    echo "make tools: building $g FAILED; last lines of .tools/logs/$g.log:" >&2
+    echo "make tools: building $g FAILED; last lines of $LOGS/$g.log:" >&2
     tail -n 40 "$LOGS/$g.log" >&2
     return 1
   fi
@@ -165,5 +166,5 @@ for l in "${lanes[@]}"; do
 done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
-[[ $rc -eq 0 ]] || { echo "make tools: failed (see .tools/logs/)" >&2; exit 1; }
+[[ $rc -eq 0 ]] || { echo "make tools: failed (see $LOGS/)" >&2; exit 1; }
 echo "make tools: done in $((SECONDS - start))s"
