@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -228,7 +228,7 @@ def with_weight_penalty(trainer_cls: type[T], anchor: WeightAnchor) -> type[T]:
 
     Penalized.__name__ = f"{trainer_cls.__name__}WithWeightPenalty"
     Penalized.__qualname__ = Penalized.__name__
-    return Penalized  # type: ignore[return-value]
+    return Penalized
 
 
 # --- Forgetting --------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def build_continual(
     return ContinualSetup(train=mixed, trainer_cls=trainer_cls, anchor=anchor)
 
 
-def _rows(data: Any) -> Iterable[dict[str, Any]]:
+def _rows(data: Any) -> list[dict[str, Any]]:
     if isinstance(data, list):
         return data
     keep = [c for c in data.column_names if c in ("input_ids", "attention_mask", "labels", "completion_mask")]

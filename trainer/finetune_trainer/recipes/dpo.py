@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from finetune_api.spec import FineTuneJobSpec
 
@@ -155,7 +155,7 @@ def run(ctx: RecipeContext) -> RecipeResult:
     metrics["method"] = {"type": s.spec.method.type, "trainableParameters": trainable, "totalParameters": all_params}
     metrics["objective"] = {"type": "dpo", **(s.spec.objective.preference.wire() if s.spec.objective.preference else {})}
     metrics["summary"] = summary(metrics)
-    sft_recipe.save(ctx, SaveView(s.spec, s.precision, s.loaded), trainer)
+    sft_recipe.save(ctx, cast(Any, SaveView(s.spec, s.precision, s.loaded)), trainer)
     return RecipeResult(
         metrics=metrics, base_model=s.loaded.identity, model=trainer.model, tokenizer=s.loaded.tokenizer, trainer=trainer
     )

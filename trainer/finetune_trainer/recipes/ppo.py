@@ -25,7 +25,7 @@ import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from finetune_api.constants import MERGED_DIR
 from finetune_api.spec import FineTuneJobSpec
@@ -243,7 +243,7 @@ def run(ctx: RecipeContext) -> RecipeResult:
         if metrics["rollouts"].get(key) is not None:
             summary[key] = metrics["rollouts"][key]
     metrics["summary"] = summary
-    save_policy(ctx, SaveView(s.spec, s.precision, s.loaded), trainer)
+    save_policy(ctx, cast(Any, SaveView(s.spec, s.precision, s.loaded)), trainer)
     log.info("ppo (GRPO) rollouts: %s", json.dumps({k: v for k, v in metrics["rollouts"].items() if "Curve" not in k}))
     return RecipeResult(
         metrics=metrics, base_model=s.loaded.identity, model=trainer.model, tokenizer=s.loaded.tokenizer, trainer=trainer

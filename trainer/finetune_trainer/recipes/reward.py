@@ -39,7 +39,7 @@ class Setup:
     peft_config: Any | None
 
 
-def load_reward_base(spec: FineTuneJobSpec, precision: config.Precision, ctx: RecipeContext) -> tuple[Any, Any, dict]:
+def load_reward_base(spec: FineTuneJobSpec, precision: config.Precision, ctx: RecipeContext) -> tuple[Any, Any, dict[str, Any]]:
     """The base model with a fresh 1-output classification head, and its tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
