@@ -7,7 +7,7 @@ resumable:
 ``CheckpointSync(checkpoints_uri, keep)``
     A ``TrainerCallback``. On every ``on_save`` it publishes the fresh local ``checkpoint-N`` to
     ``<checkpoints_uri>/step-N/`` (kind "checkpoint", manifest last) and prunes to the newest
-    ``keep``. It also installs a SIGTERM handler: on SIGTERM (preemption, eviction, node drain) the
+    ``keep``. While training it handles SIGTERM: on SIGTERM (preemption, eviction, node drain) the
     Trainer saves a checkpoint at the next optimizer-step boundary; once it is published the
     callback writes the termination message (outcome "preempted", lastCheckpoint) and raises
     ``SystemExit(ExitCode.PREEMPTED)``, so nothing after ``trainer.train`` runs for an unfinished
@@ -56,10 +56,19 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     _sigterm.set()
 
 
-def install_sigterm_handler() -> None:
-    """Turn SIGTERM into 'checkpoint at the next step boundary, then stop' (main thread only)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+def install_sigterm_handler() -> Any:
+    """Turn SIGTERM into 'checkpoint at the next step boundary, then stop' (main thread only).
+
+    Returns the previous handler, for restore_sigterm_handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    _sigterm.clear()
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def restore_sigterm_handler(previous: Any) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
 
 
 def sigterm_received() -> bool:
@@ -72,10 +81,26 @@ class CheckpointSync(TrainerCallback):
     def __init__(self, checkpoints_uri: str, keep: int, *, handle_sigterm: bool = True) -> None:
         self.checkpoints_uri = checkpoints_uri.rstrip("/")
         self.keep = keep
+        self.handle_sigterm = handle_sigterm
         self.preempted = False
         self.last_checkpoint: Checkpoint | None = None
-        if handle_sigterm:
-            install_sigterm_handler()
+        self._previous_handler: Any = None
+
+    # SIGTERM is ours only while training: outside it (loading, publishing the artifact, a test
+    # process running several trainings) the previous handler applies.
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        if self.handle_sigterm:
+            self._previous_handler = install_sigterm_handler()
+        return control
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        restore_sigterm_handler(self._previous_handler)
+        self._previous_handler = None
+        return control
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -120,6 +145,7 @@ class CheckpointSync(TrainerCallback):
                     last_checkpoint=self.last_checkpoint,
                 )
             )
+        restore_sigterm_handler(self._previous_handler)
         raise SystemExit(ExitCode.PREEMPTED)
 
 
@@ -159,5 +185,6 @@ __all__ = [
     "install_sigterm_handler",
     "latest_checkpoint",
     "restore_latest",
+    "restore_sigterm_handler",
     "sigterm_received",
 ]
