@@ -107,3 +107,12 @@ def test_generation_metrics_flat_keys() -> None:
 def test_mismatched_lengths_are_rejected() -> None:
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         bleu(["a", "b"], ["a"])
+
+
+def test_recipe_summary_reaches_the_termination_metrics() -> None:
+    from finetune_trainer.entrypoint import summary_metrics
+
+    metrics = {"tuned": {"evalLoss": 0.36}, "summary": {"rewardMargin": 0.83, "win_rate": 0.75, "note": "x"}}
+    out = summary_metrics(metrics)
+    assert out["rewardMargin"] == 0.83 and out["win_rate"] == 0.75 and out["evalLoss"] == 0.36
+    assert "note" not in out  # only numbers go into status.metrics
