@@ -55,11 +55,11 @@ def test_fake_gpu_nodes(cluster: TestCluster) -> None:
         assert ready and ready[0]["status"] == "True"
 
 
-def test_controller_manager_and_scheduler_hold_their_leases(cluster: TestCluster) -> None:
-    leases = cluster.get_json("leases", "-n", "kube-system")["items"]
-    holders = {item["metadata"]["name"]: item["spec"].get("holderIdentity") for item in leases}
-    assert holders.get("kube-controller-manager")
-    assert holders.get("kube-scheduler")
+def test_every_control_plane_process_is_running(cluster: TestCluster) -> None:
+    pids = cluster.component_pids()
+    assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                         "kwok-controller"}
+    assert cluster.dead_components() == []
 
 
 def test_garbage_collector_deletes_dependents(cluster: TestCluster, namespace: str) -> None:
