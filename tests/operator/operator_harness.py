@@ -39,7 +39,8 @@ class OperatorProcess:
 
     def argv(self) -> list[str]:
         return [
-            sys.executable, "-m", "finetune_cli.main", "operator", "--standalone", "--namespace", self.namespace,
+            sys.executable, "-m", "finetune_cli.main", "operator", "--namespace", self.namespace,
+            *([] if "--leader-elect" in self.extra else ["--standalone"]),
             "--trainer-image", "registry.invalid/trainer:test",
             "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port),
             "--bind-address", "127.0.0.1", "--resync-interval", "0.5",
@@ -53,14 +54,19 @@ class OperatorProcess:
             self.proc = subprocess.Popen(self.argv(), env=env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=REPO)
         if wait_ready:
-            wait_until(self.ready, 30, f"the operator to be ready (log: {self.log_path})")
+            # Generous: on a loaded 2-core machine the imports alone can take half a minute.
+            deadline = time.monotonic() + 120
+            while not self.ready():  # raises at once if the process exited
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the operator was not ready within 120 s:\n{self.log_tail()}")
+                time.sleep(0.2)
         return self
 
     def ready(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.log_tail()}")
-        return http_get(f"http://127.0.0.1:{self.health_port}/readyz")[0] == 200
+        return http_get(f"http://127.0.0.1:{self.health_port}/readyz", timeout=5)[0] == 200
 
     def kill(self) -> None:
         """SIGKILL: no clean-up, as when a node dies."""
