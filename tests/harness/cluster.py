@@ -593,6 +593,10 @@ class TestCluster:
         self._restarts += 1
         if self._restarts > 3:
             raise ClusterError(f"components keep exiting: {', '.join(dead)}\n{self._component_logs()}")
+        # kwokctl skips a component whose pid file names a live process, and an exited process
+        # not yet reaped (a zombie) looks live to it: drop the pid files of the dead ones.
+        for name in dead:
+            (self.cluster_dir / "pids" / f"{name}.pid").unlink(missing_ok=True)
         self._kwokctl("start", "cluster", "--name", self.name, "--timeout", "60s", timeout=60)
 
     def _create_control_plane(self, timeout: float) -> None:
@@ -645,10 +649,24 @@ class TestCluster:
             args += ["-f", str(f)]
         out = self.kubectl(*args, "-o", "name").stdout.split()
         names = [n for n in out if n.startswith("customresourcedefinition")]
-        if names:
-            self.kubectl("wait", "--for=condition=Established", f"--timeout={int(timeout)}s", *names,
-                         timeout=timeout + 10)
+        for name in names:
+            self.wait_condition(name, "Established", timeout=timeout)
         return names
+
+    def wait_condition(self, obj: str, condition: str, namespace: str | None = None,
+                       status: str = "True", timeout: float = 60) -> dict[str, Any]:
+        """Polls until obj ("kind/name") has status.conditions[type=condition].status == status;
+        returns the object. (`kubectl wait` errors out on an object whose conditions are null.)"""
+        args = ["get", obj, "-o", "json"] + (["-n", namespace] if namespace else [])
+
+        def met() -> dict[str, Any] | None:
+            item = json.loads(self.kubectl(*args).stdout)
+            conds = (item.get("status") or {}).get("conditions") or []
+            return item if any(c.get("type") == condition and c.get("status") == status
+                               for c in conds) else None
+
+        result: dict[str, Any] = wait_until(met, timeout, f"{obj} to be {condition}={status}")
+        return result
 
     def _wait_apiserver_ready(self, timeout: float) -> None:
         def ready() -> bool:
@@ -846,8 +864,9 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     cluster = TestCluster(state_dir, name="finetune-dev", gpu_nodes=args.gpu_nodes)
     try:
         cluster.start()
-    except (ToolMissingError, ClusterError, TimeoutError) as exc:
-        print(f"cluster up failed: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - reported; start() has stopped what it started
+        print(f"cluster up failed: {exc}\n(logs kept in {state_dir}; make cluster-down removes them)",
+              file=sys.stderr)
         return 1
     # Leave it running: the processes are in sessions of their own and outlive this one.
     cluster.detach()
