@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -47,3 +48,26 @@ def test_env_dict_alone_configures_s3fs(minio: MinioServer, minio_env: dict[str,
     bad = fsspec.filesystem("s3", skip_instance_cache=True)
     with pytest.raises(PermissionError):
         bad.cat(f"{bucket}/x.txt")
+
+
+def test_trainer_storage_publishes_and_fetches_through_minio(
+    minio_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The trainer's storage layer (finetune_trainer.storage), configured by the env dict only."""
+    from finetune_trainer import storage
+
+    for key, value in minio_env.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"st-{uuid.uuid4().hex[:8]}"
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
+    src = tmp_path / "adapter"
+    (src / "sub").mkdir(parents=True)
+    files = {"adapter_model.safetensors": b"\x00weights" * 4096, "sub/adapter_config.json": b'{"r": 16}'}
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+
+    uri = f"s3://{bucket}/runs/r1/adapter"
+    manifest, artifact = storage.publish(src, uri, kind="artifact")
+    assert artifact.uri == uri and sorted(f.path for f in manifest.files) == sorted(files)
+    back = storage.fetch(uri, tmp_path / "back")
+    assert {rel: (back / rel).read_bytes() for rel in files} == files
