@@ -7,7 +7,6 @@ import re
 import subprocess
 
 import pytest
-
 from harness.cluster import (
     GPU_PRODUCT,
     GPU_RESOURCE,

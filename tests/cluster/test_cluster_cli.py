@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from harness.cluster import REPO_ROOT, _proc_exe, _processes_of, run_kubectl
 
 pytestmark = pytest.mark.cluster

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from harness.cluster import CRDS_DIR, REPO_ROOT, TestCluster
 
 pytestmark = pytest.mark.cluster

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from api.bad_manifests import BAD_MANIFESTS, Bad
 from harness.cluster import TestCluster
 

@@ -7,7 +7,6 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-
 from harness.cluster import (
     GPU_TOLERATION,
     STAGE_HOLD,

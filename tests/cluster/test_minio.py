@@ -7,7 +7,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-
 from harness.cluster import MinioServer
 
 pytestmark = pytest.mark.cluster

@@ -172,7 +172,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
             result = predicate()
             if result:
                 return result
-        except Exception as exc:  # noqa: BLE001 - reported if we time out
+        except (ClusterError, ToolMissingError):
+            raise
+        except Exception as exc:  # reported if we time out
             last_exc = exc
         if time.monotonic() > deadline:
             detail = f" (last error: {last_exc})" if last_exc else ""
@@ -735,7 +737,7 @@ class TestCluster:
     def kubectl(
         self,
         *args: str,
-        input: str | None = None,  # noqa: A002 - mirrors subprocess.run
+        input: str | None = None,
         check: bool = True,
         timeout: float = 60,
         env: Mapping[str, str] | None = None,
@@ -783,7 +785,7 @@ class TestCluster:
 def run_kubectl(
     kubeconfig: Path | str,
     *args: str,
-    input: str | None = None,  # noqa: A002
+    input: str | None = None,
     check: bool = True,
     timeout: float = 60,
     env: Mapping[str, str] | None = None,
@@ -864,7 +866,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     cluster = TestCluster(state_dir, name="finetune-dev", gpu_nodes=args.gpu_nodes)
     try:
         cluster.start()
-    except Exception as exc:  # noqa: BLE001 - reported; start() has stopped what it started
+    except Exception as exc:
         print(f"cluster up failed: {exc}\n(logs kept in {state_dir}; make cluster-down removes them)",
               file=sys.stderr)
         return 1
