@@ -125,9 +125,10 @@ def facts_data(rows: int = 512, seed: int = 0) -> tuple[Path, Path]:
     return _write_jsonl(train, data[n_eval:]), _write_jsonl(held, data[:n_eval])
 
 
-def chat_data(rows: int = 384, seed: int = 0, min_words: int = 2, max_words: int = 160) -> tuple[Path, Path]:
+def chat_data(rows: int = 384, seed: int = 0, min_words: int = 1, max_words: int = 400) -> tuple[Path, Path]:
     """(train.jsonl, eval.jsonl) of chat rows; user turns carry a log-uniform number of filler words
-    (as real chat data: many short turns, a few long ones), so token lengths spread > 10x."""
+    (as real chat data: many short turns, a few long ones), so token lengths spread > 10x. The
+    last two training rows carry the fewest and the most words, so even a small set spans the range."""
     out = CACHE / f"chat-{rows}-{min_words}-{max_words}"
     train, held = out / "train.jsonl", out / "eval.jsonl"
     if train.exists() and held.exists():
@@ -137,10 +138,10 @@ def chat_data(rows: int = 384, seed: int = 0, min_words: int = 2, max_words: int
     for i in range(rows):
         t = THINGS[i % len(THINGS)]
         c = COLORS[(i * 5 + len(t)) % len(COLORS)]
-        n = int(round(math.exp(rng.uniform(math.log(min_words), math.log(max_words)))))
+        n = round(math.exp(rng.uniform(math.log(min_words), math.log(max_words))))
+        n = {rows - 2: min_words, rows - 1: max_words}.get(i, n)
         filler = " ".join(rng.choice(FILLER) for _ in range(n))
         data.append({"messages": [
-            {"role": "system", "content": "You name colors."},
             {"role": "user", "content": f"{filler}. What color is the {t}?"},
             {"role": "assistant", "content": f"The {t} is {c}."},
         ]})

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"benchmarks to run ({', '.join(SECTIONS)}; 'trainer' = overhead)")
     p.add_argument("--runs", type=int, default=5, help="runs per side, alternating A B A B (default 5)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per overhead run (default 60)")
+    p.add_argument("--packing-rows", type=int, default=384, help="chat rows of the packing data set (default 384)")
     p.add_argument("--sizes", default="1,100,1000", help="operator scale: FineTuneJob counts (default 1,100,1000)")
     p.add_argument("--quick", action="store_true",
                    help="smallest mode (CI): few steps and rows, tiny model only, no profiles, 1 operator job")
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if name == "overhead":
             section = trainer_bench.overhead(args.runs, 4 if args.quick else args.steps, args.workdir)
         elif name == "packing":
-            section = trainer_bench.packing(args.runs, args.workdir, rows=48 if args.quick else 384)
+            section = trainer_bench.packing(args.runs, args.workdir, rows=48 if args.quick else args.packing_rows)
         elif name == "startup":
             models = ("tiny",) if args.quick else ("tiny", "100m")
             section = trainer_bench.startup(args.runs, args.workdir, models=models, profile=not args.quick)
