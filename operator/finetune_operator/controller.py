@@ -210,9 +210,11 @@ class Controller:
     ) -> None:
         meta = body["metadata"]
         if status.changed(prev, new):
-            self.kube.patch_ftj_status(meta["namespace"], meta["name"], new.wire())
+            # Events before the status: an operator killed in between tells a milestone twice, never
+            # zero times (the next reconcile still sees the old status and posts it again).
             for m in status.milestones(prev, new):
                 self.kube.event(body, m.type, m.reason, m.message)
+            self.kube.patch_ftj_status(meta["namespace"], meta["name"], new.wire())
             gained = new.restarts - (prev.restarts if prev else 0)
             if gained > 0:
                 reason = (new.last_restart_reason or c.Reason.FAILED).split(":", 1)[0]
