@@ -305,7 +305,7 @@ def test_operator_killed_during_creation_converges_without_duplicates(
             for kind in ("configmaps", "services", "jobs", "pods"):
                 assert len(children(cluster, namespace, name, kind)) == 1, (name, kind)
             created = [e for e in events(cluster, namespace, name) if e["reason"] == c.Reason.CREATED]
-            assert 1 <= len(created) <= 2  # a second one if killed between the event and the status patch
+            assert len(created) >= 1  # more than one if killed between an event and the status patch
     finally:
         op.stop()
 
