@@ -55,6 +55,10 @@ def summary_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
         value = metrics.get(section, {}).get(key)
         if isinstance(value, (int, float)):
             out[name] = float(value)
+    # Recipes put their own headline numbers (reward margin, win-rate, forgetting...) in `summary`.
+    for name, value in metrics.get("summary", {}).items():
+        if isinstance(value, (int, float)) and name not in out:
+            out[name] = float(value)
     return out
 
 

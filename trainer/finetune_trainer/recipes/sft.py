@@ -52,12 +52,13 @@ def setup(ctx: RecipeContext) -> Setup:
 
 
 def build_trainer(ctx: RecipeContext, s: Setup) -> Any:
+    from transformers import PrinterCallback
     from trl import SFTTrainer
 
     args = config.sft_config(s.spec, ctx.workdir / "checkpoints", s.precision, max_steps=ctx.max_steps)
     # objective.continual: replay rows mixed in, and the l2/ewc penalty in the loss (no-op without it).
     s.continual = continual.for_sft(s.spec, s.model, s.loaded.tokenizer, s.data.train, ctx.workdir, SFTTrainer)
-    return s.continual.trainer_cls(
+    trainer = s.continual.trainer_cls(
         model=s.model,
         args=args,
         train_dataset=s.continual.train,
@@ -101,6 +102,7 @@ def run(ctx: RecipeContext) -> RecipeResult:
         metrics["continual"] = continual.report(
             s.continual, earlier_before, continual.earlier_loss(trainer, s.continual)
         )
+        metrics["summary"] = continual.summary(metrics["continual"])
     metrics["train"] = base.train_summary(trainer, train_output)
     metrics["tuned"] = perplexity.evaluate(trainer)
     trainable, all_params = methods.trainable_parameters(trainer.model)
