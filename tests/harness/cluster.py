@@ -16,15 +16,18 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import http.client
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -430,6 +433,7 @@ class TestCluster:
         self.server = ""
         self._started = False
         self._restarts = 0
+        self._http: tuple[str, int, ssl.SSLContext] | None = None
 
     # -- paths ---------------------------------------------------------------------------------
     @property
@@ -458,9 +462,10 @@ class TestCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """KUBECONFIG, the MinIO AWS_* variables, and PATH with .tools/bin first."""
+        """KUBECONFIG (and kubectl's KUBECACHEDIR), the MinIO AWS_* variables, PATH with .tools/bin first."""
         return {
             "KUBECONFIG": str(self.kubeconfig),
+            "KUBECACHEDIR": str(self.state_dir / "kube-cache"),
             **self.minio.env,
             "PATH": f"{TOOLS_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
@@ -480,10 +485,10 @@ class TestCluster:
                 self.minio.start()
             self._create_control_plane(timeout)
             self.timings["control_plane"] = time.monotonic() - t0
-            self._wait_apiserver_ready(timeout=90)
-            self.timings["apiserver_ready"] = time.monotonic() - t0
             self._create_nodes()
             self.timings["nodes_created"] = time.monotonic() - t0
+            self._wait_apiserver_ready(timeout=90)
+            self.timings["apiserver_ready"] = time.monotonic() - t0
             self.install_crds()
             self.timings["crds_established"] = time.monotonic() - t0
             self._wait_usable(timeout=60)
@@ -635,8 +640,21 @@ class TestCluster:
     def _create_nodes(self) -> None:
         items = [gpu_node_manifest(n, self.gpus_per_node) for n in self.gpu_node_names]
         items += [cpu_node_manifest(n) for n in self.cpu_node_names]
-        # create, not apply: apply first downloads the OpenAPI schema, seconds on a loaded machine.
-        self.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+        # Posted as soon as the API server accepts them, before it is fully ready (it serves
+        # writes before its last post-start hooks finish): that overlaps with its start-up.
+        pending = {item["metadata"]["name"]: item for item in items}
+
+        def post_all() -> bool:
+            self._revive()
+            for name, item in list(pending.items()):
+                code, resp = self.api_request("POST", "/api/v1/nodes", item)
+                if code in (201, 409):  # created, or created by an earlier attempt
+                    del pending[name]
+                elif code not in (429, 500, 503, 504):
+                    raise ClusterError(f"creating node {name}: HTTP {code}: {resp}")
+            return not pending
+
+        wait_until(post_all, 90, "the fake nodes to be created", interval=0.25)
 
     def crd_files(self) -> list[Path]:
         return sorted(Path(self.crds_dir).glob("*.yaml")) if Path(self.crds_dir).is_dir() else []
@@ -652,7 +670,14 @@ class TestCluster:
         out = self.kubectl(*args, "-o", "name").stdout.split()
         names = [n for n in out if n.startswith("customresourcedefinition")]
         for name in names:
-            self.wait_condition(name, "Established", timeout=timeout)
+            path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name.split('/', 1)[1]}"
+
+            def established(path: str = path) -> bool:
+                code, crd = self.api_get(path)
+                return code == 200 and any(c["type"] == "Established" and c["status"] == "True"
+                                           for c in (crd.get("status") or {}).get("conditions") or [])
+
+            wait_until(established, timeout, f"{name} to be Established", interval=0.25)
         return names
 
     def wait_condition(self, obj: str, condition: str, namespace: str | None = None,
@@ -670,38 +695,77 @@ class TestCluster:
         result: dict[str, Any] = wait_until(met, timeout, f"{obj} to be {condition}={status}")
         return result
 
+    def api_get(self, path: str, timeout: float = 10) -> tuple[int, Any]:
+        """GET path from the API server as the admin, in-process (no kubectl, so polling costs
+        next to no CPU); returns (HTTP status, parsed JSON or text)."""
+        return self.api_request("GET", path, timeout=timeout)
+
+    def api_request(self, method: str, path: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
+        """One request to the API server as the admin; returns (HTTP status, parsed JSON or text)."""
+        if self._http is None:
+            import yaml
+
+            kc = yaml.safe_load(self.kubeconfig.read_text())
+            cluster, user = kc["clusters"][0]["cluster"], kc["users"][0]["user"]
+            url = urllib.parse.urlsplit(cluster["server"])
+            ctx = ssl.create_default_context(cafile=cluster["certificate-authority"])
+            ctx.load_cert_chain(user["client-certificate"], user["client-key"])
+            self._http = (url.hostname or "127.0.0.1", url.port or 443, ctx)
+        host, port, ctx = self._http
+        conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=timeout)
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(body)
+        except ValueError:
+            return resp.status, body.decode(errors="replace")
+
     def _wait_apiserver_ready(self, timeout: float) -> None:
         def ready() -> bool:
             self._revive()
-            return self.kubectl("get", "--raw", "/readyz", check=False, timeout=10).returncode == 0
+            return self.api_get("/readyz")[0] == 200
 
-        wait_until(ready, timeout, "kube-apiserver /readyz")
+        wait_until(ready, timeout, "kube-apiserver /readyz", interval=0.25)
 
     def _wait_usable(self, timeout: float) -> None:
         t0 = time.monotonic() - self.timings.get("crds_established", 0.0)
         nodes = self.gpu_node_names + self.cpu_node_names
-        jsonpath = ('jsonpath={range .items[*]}{.metadata.name} '
-                    '{.status.conditions[?(@.type=="Ready")].status} {.spec.taints[*].key}{"\\n"}{end}')
 
         def schedulable() -> bool:
             # kwok marks the nodes Ready; TaintNodesByCondition added node.kubernetes.io/not-ready
             # at creation, which the node lifecycle controller (kube-controller-manager) removes.
             self._revive()
-            lines = self.kubectl("get", "nodes", "-o", jsonpath).stdout.splitlines()
-            ok = {ln.split()[0] for ln in lines
-                  if ln.split()[1:2] == ["True"] and "node.kubernetes.io/" not in ln}
+            code, data = self.api_get("/api/v1/nodes")
+            if code != 200:
+                return False
+            ok = set()
+            for node in data["items"]:
+                ready = any(c["type"] == "Ready" and c["status"] == "True"
+                            for c in node.get("status", {}).get("conditions") or [])
+                tainted = any(tn["key"].startswith("node.kubernetes.io/")
+                              for tn in node["spec"].get("taints") or [])
+                if ready and not tainted:
+                    ok.add(node["metadata"]["name"])
             return ok >= set(nodes)
 
-        wait_until(schedulable, timeout, "the nodes to be Ready and schedulable")
+        wait_until(schedulable, timeout, "the nodes to be Ready and schedulable", interval=0.25)
         self.timings["nodes_schedulable"] = time.monotonic() - t0
 
         # ServiceAccount admission rejects pods until the default service account exists.
         def default_sa() -> bool:
             self._revive()
-            return self.kubectl("get", "serviceaccount", "default", "-n", "default",
-                                check=False).returncode == 0
+            return self.api_get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
 
-        wait_until(default_sa, timeout, "the default service account")
+        wait_until(default_sa, timeout, "the default service account", interval=0.25)
 
     def _write_state(self) -> None:
         state = {
@@ -790,7 +854,10 @@ def run_kubectl(
     timeout: float = 60,
     env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **(env or {}), "KUBECONFIG": str(kubeconfig)}
+    # kubectl's discovery cache is keyed by host:port; ports are reused by later clusters, whose
+    # APIs differ (CRDs): keep the cache with the cluster, not in ~/.kube/cache.
+    cache = str(Path(kubeconfig).parent / "kube-cache")
+    full_env = {**os.environ, "KUBECACHEDIR": cache, **(env or {}), "KUBECONFIG": str(kubeconfig)}
     proc = subprocess.run([str(tool("kubectl")), *args], input=input, capture_output=True, text=True,
                           timeout=timeout, env=full_env, check=False)
     if check and proc.returncode != 0:
