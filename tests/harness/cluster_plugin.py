@@ -9,10 +9,14 @@ Session-scoped (started once, on first use, and torn down at the end of the sess
 - `cluster` -> harness.cluster.TestCluster: etcd, kube-apiserver, kube-controller-manager,
   kube-scheduler and kwok on 127.0.0.1, 4 fake GPU nodes (gpu-node-0..3: 8 x nvidia.com/gpu,
   NVIDIA-H200, taint nvidia.com/gpu=present:NoSchedule) and 1 CPU node (cpu-node-0, no taint),
-  the CRDs of crds/*.yaml installed, and the `minio` server above. Useful members:
-  `.kubeconfig` (Path), `.server`, `.kubectl(*args, input=None, check=True, timeout=60)`,
-  `.apply(yaml_or_obj, namespace=None)`, `.get_json(*args)`, `.api_client()`, `.install_crds()`,
-  `.env` (KUBECONFIG, AWS_* and PATH with .tools/bin), `.minio`, `.gpu_node_names`.
+  the CRDs of crds/*.yaml installed (Established), and the `minio` server above. Members:
+  `.kubeconfig` (Path), `.server` ("https://127.0.0.1:PORT"), `.kubectl(*args, input=None,
+  check=True, timeout=60)` -> CompletedProcess, `.apply(yaml_or_obj_or_list, namespace=None)`,
+  `.get_json(*args)`, `.wait_condition("job/x", "Complete", namespace=...)`,
+  `.api_get(path)` / `.api_request(method, path, body)` (in-process HTTP as admin),
+  `.api_client()` (kubernetes.client.ApiClient), `.install_crds()`, `.component_pids()`,
+  `.env` (KUBECONFIG, KUBECACHEDIR, AWS_* and PATH with .tools/bin), `.minio`,
+  `.gpu_node_names`, `.cpu_node_names`, `.state_dir`, `.logs_dir` (component logs).
 - `k8s_client` -> kubernetes.client.ApiClient for the cluster.
 
 Function-scoped:
@@ -20,9 +24,13 @@ Function-scoped:
 - `kubectl` -> cluster.kubectl (raises harness.cluster.KubectlError, with stderr, on failure).
 - `namespace` -> name of a fresh namespace (default service account ready), deleted afterwards.
 
-Pods on the fake nodes follow the kwok stages in harness/stages; steer them with the pod (template)
-annotations in harness.cluster.stage_annotations(). A missing tool is an error, never a skip: `make
-test` runs `make tools` first.
+Pods on the fake nodes follow the kwok stages in harness/stages; steer them with pod (template)
+annotations, built by harness.cluster.stage_annotations(exit_code=, delay=, disruption=, hold=):
+`test.finetune.dev/exit-code`, `.../delay`, `.../disruption`, `.../hold`, and the label
+`test.finetune.dev/kwok-skip: "true"` for pods a test drives itself (hack/tools/README.md has the
+table). harness.cluster.gpu_job_manifest() is a plain GPU Job. A missing tool is an error, never
+a skip: `make test` runs `make tools` first. FINETUNE_KEEP_CLUSTER_STATE=1 keeps the state
+directory (.tools/test-clusters/<pid>/) with its logs after the session.
 """
 
 from __future__ import annotations
