@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -92,12 +93,22 @@ class FakeTrainerMetrics:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except OSError:  # the scraper gave up (timeout): nothing to report
+                    pass
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_port}/metrics"
+        # Served by a forked process: the bench's own watch threads must not hold up the operator's
+        # scrapes (a slow answer would time out and slow every reconcile of a running job).
+        self.process = multiprocessing.get_context("fork").Process(target=self.server.serve_forever, daemon=True)
+        self.process.start()
 
     def close(self) -> None:
-        self.server.shutdown()
+        self.process.terminate()
+        self.process.join(10)
         self.server.server_close()
 
 
