@@ -124,7 +124,9 @@ def describe_error(err: Any) -> str:
     if kind == "literal_error":
         expected = ctx.get("expected", "")
         options = re.findall(r"'([^']*)'", expected)
-        shown = ", ".join(f'"{o}"' for o in options) if options else ", ".join(re.split(r", | or ", expected))
+        options = options or re.split(r", | or ", expected)
+        # The API server quotes every supported value, numbers included.
+        shown = ", ".join(f'"{o}"' for o in options)
         return f"{path}: Unsupported value: {_show(value)}: supported values: {shown}"
     if kind in _TYPE_ERRORS:
         return f"{path}: Invalid value: {_show(value)}: {path} in body must be of type {_TYPE_ERRORS[kind]}: \"{_json_type(value)}\""

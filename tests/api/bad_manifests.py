@@ -68,7 +68,7 @@ BAD_MANIFESTS: list[Bad] = [
     Bad("unknown-format", _with("spec.dataset.format", "xml"),
         'spec.dataset.format: Unsupported value: "xml"'),
     Bad("quant-bits", _spec(method={"type": "qlora"}, model={"uri": "a/b", "quantization": {"bits": 5}}),
-        "spec.model.quantization.bits: Unsupported value: 5: supported values: 4, 8"),
+        'spec.model.quantization.bits: Unsupported value: 5: supported values: "4", "8"'),
     Bad("negative-learning-rate", _with("spec.hyperparameters.learningRate", -0.001),
         "spec.hyperparameters.learningRate in body should be greater than 0"),
     Bad("zero-batch-size", _with("spec.hyperparameters.batchSize", 0),
