@@ -150,7 +150,7 @@ class ServiceAccountOperator(OperatorProcess):
     """The operator tests' operator process, but authenticated as the chart's ServiceAccount."""
 
     def __init__(self, cluster: TestCluster, namespace: str, log_dir: Path, kubeconfig: Path, tag: str) -> None:
-        super().__init__(cluster, namespace, log_dir, "--stall-timeout", "3", tag=tag)
+        super().__init__(cluster, namespace, log_dir, tag=tag)
         self.kubeconfig = kubeconfig
 
     def start(self, wait_ready: bool = True) -> ServiceAccountOperator:
