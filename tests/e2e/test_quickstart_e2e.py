@@ -59,7 +59,9 @@ def bucket_with_inputs(
 
 @pytest.fixture
 def operator_process(cluster: Any, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster, namespace, tmp_path).start()
+    op = OperatorProcess(cluster, namespace, tmp_path).start(wait_ready=False)
+    # A loaded CI machine can take a while to import Kopf and the Kubernetes client.
+    wait_until(op.ready, 180, f"the operator to be ready (log: {op.log_path})")
     yield op
     op.stop()
 

@@ -166,3 +166,9 @@ def test_error_messages_never_carry_credentials(monkeypatch: pytest.MonkeyPatch)
         "upload to s3://b/k failed: signature for s3cr3t-value-123 wrong", uri="s3://b/k", permanent=True
     )
     assert "s3cr3t-value-123" not in str(err) and "s3://b/k" in str(err)
+    # The access key ID is not masked: it is an identifier, and masking it would mangle URIs.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "finetune")
+    err = StorageError(
+        "write to s3://finetune-quickstart/out failed", uri="s3://finetune-quickstart/out", permanent=True
+    )
+    assert "s3://finetune-quickstart/out" in str(err)

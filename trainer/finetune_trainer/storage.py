@@ -131,7 +131,7 @@ def _scrub(text: str) -> str:
     """Remove credential values from a text (defence in depth: error texts come from libraries)."""
     for name in StorageEnv.SECRETS:
         value = os.environ.get(name)
-        if value and len(value) >= 4:
+        if value and len(value) >= 8:
             text = text.replace(value, "***")
     return text
 
