@@ -87,6 +87,8 @@ def merge(out_dir: Path, new: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Output URIs in the specs must be absolute paths.
+    args.out, args.workdir = args.out.resolve(), args.workdir.resolve()
     if args.runs < 1:
         print("bench: --runs must be at least 1", file=sys.stderr)
         return 2
