@@ -297,6 +297,15 @@ def one_size(cluster: Any, api: Any, n: int, probes: int, workdir: Path, metrics
     core.create_namespace({"metadata": {"name": ns}})
     _wait(lambda: bool(core.list_namespaced_service_account(ns).items), 60, "the default service account")
     op = Operator(cluster, ns, workdir / f"operator-{n}.log")
+    try:
+        return _measure(cluster, api, core, custom, ns, op, n, probes, metrics_url)
+    finally:
+        if op.proc.returncode is None and op.proc.poll() is None:
+            op.stop()
+
+
+def _measure(cluster: Any, api: Any, core: Any, custom: Any, ns: str, op: Operator, n: int, probes: int,
+             metrics_url: str) -> dict[str, Any]:
     _wait(op.ready, 120, f"the operator to be ready (log {op.log})")
     watcher = Watcher(api, ns)
     time.sleep(1.0)  # both watches established
@@ -366,6 +375,8 @@ def scale(sizes: list[int], workdir: Path, probes: int = 20) -> dict[str, Any]:
     biggest = max(sizes) + probes
     cluster = audited_cluster(STATE_ROOT / str(os.getpid()), cpu_nodes=math.ceil(biggest / PODS_PER_NODE) + 1)
     fake = FakeTrainerMetrics()
+    # SIGTERM (a stopped `make bench`) unwinds through the finally below: no cluster left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cluster.start(timeout=300)
     try:
         api = cluster.api_client()

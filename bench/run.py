@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per overhead run (default 60)")
     p.add_argument("--packing-rows", type=int, default=384, help="chat rows of the packing data set (default 384)")
     p.add_argument("--sizes", default="1,100,1000", help="operator scale: FineTuneJob counts (default 1,100,1000)")
+    p.add_argument("--probes", type=int, default=20, help="operator: jobs created one at a time at N live (default 20)")
     p.add_argument("--quick", action="store_true",
                    help="smallest mode (CI): few steps and rows, tiny model only, no profiles, 1 operator job")
     p.add_argument("--out", type=Path, default=REPO / "bench", help="where results.json and RESULTS.md go")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from . import operator_bench
 
             sizes = [1] if args.quick else [int(x) for x in args.sizes.split(",") if x]
-            section = operator_bench.scale(sizes, args.workdir, probes=2 if args.quick else 20)
+            section = operator_bench.scale(sizes, args.workdir, probes=2 if args.quick else args.probes)
         section["_meta"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": args.runs,
                             "quick": args.quick, "seconds": round(time.monotonic() - t, 1),
                             "load_average_1m": [round(load_before, 2), round(load_average()[0], 2)]}
