@@ -135,11 +135,7 @@ def test_chart_crd_copy_matches_generated_crd() -> None:
 
 def test_custom_values_render_namespaced_rbac_and_monitoring() -> None:
     objs = render(CUSTOM)
-    # Cluster-wide only what Kopf needs to see the namespaces exist.
-    assert one(objs, "ClusterRole", "tuner-namespaces")["rules"] == [
-        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}]
-    assert one(objs, "ClusterRoleBinding", "tuner-namespaces")["roleRef"]["name"] == "tuner-namespaces"
-    assert len(find(objs, "ClusterRole")) == 1
+    assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding")
     roles = {r["metadata"]["namespace"]: r for r in find(objs, "Role", "tuner")}
     bindings = {b["metadata"]["namespace"]: b for b in find(objs, "RoleBinding", "tuner")}
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
