@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import fmt
+from .common import REPO, fmt
+
+#: Hand-written analysis (profiles, causes, fixes), appended to RESULTS.md as it stands.
+FINDINGS = REPO / "bench" / "FINDINGS.md"
 
 TARGETS = {
     "trainer_overhead_ratio": (">=", 1.0),
@@ -86,9 +89,9 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += _startup(s["startup"])
     if "operator" in s:
         lines += _operator(s["operator"])
-    notes = doc.get("notes") or []
-    if notes:
-        lines += ["", "## Notes", "", *notes]
+    findings = FINDINGS.read_text().strip() if FINDINGS.exists() else ""
+    if findings:
+        lines += ["", findings]
     return "\n".join(lines) + "\n"
 
 

@@ -173,6 +173,8 @@ def main(argv: list[str]) -> int:
     if profiler is not None:
         profiler.stop()
         Path(config["profile"]).write_text(profiler.output_text(unicode=True, color=False, show_all=False))
+        # The whole session too, to open library frames later: pyinstrument --load FILE -r text --show-all
+        profiler.last_session.save(str(Path(config["profile"]).with_suffix(".pyisession")))
     out["marks"] = MARKS
     write_result(out)
     return 0
