@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from trainer.conftest import LORA_FAMILY, METHODS, QUANT
+from harness.trainer_runs import LORA_FAMILY, METHODS, QUANT
 
 METHOD_NAMES = list(METHODS)
 
