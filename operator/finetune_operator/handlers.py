@@ -15,7 +15,7 @@ from finetune_api import constants as c
 from kubernetes.client.exceptions import ApiException
 
 from .controller import Controller
-from .k8s import ChildConflict
+from .k8s import ChildConflict, api_error_text
 from .metrics import Health
 from .settings import Settings
 
@@ -35,7 +35,7 @@ def _reconcile(memo: kopf.Memo, namespace: str | None, name: str | None) -> None
     except ChildConflict as exc:
         raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY * 2) from exc
     except ApiException as exc:
-        raise kopf.TemporaryError(f"API error {exc.status} {exc.reason}", delay=RETRY_DELAY) from exc
+        raise kopf.TemporaryError(f"API error {api_error_text(exc)}", delay=RETRY_DELAY) from exc
 
 
 @kopf.on.startup()
@@ -48,6 +48,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     settings.networking.request_timeout = 30
     settings.watching.server_timeout = 60
+    ours: Settings = memo["settings"]
+    if not ours.all_namespaces:
+        # Exact namespaces: a namespaced Role is all the operator has. Kopf's cluster-wide
+        # observers would list/watch namespaces and CRDs, get 403 and retry it for about a
+        # minute before handling anything; without them it serves the given namespaces at once.
+        settings.scanning.disabled = True
     stop = threading.Event()
     memo["stop"] = stop
     thread = threading.Thread(target=_resync_loop, args=(memo, stop), name="resync", daemon=True)

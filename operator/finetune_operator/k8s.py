@@ -33,6 +33,16 @@ def load_config() -> None:
         kubernetes.config.load_kube_config()
 
 
+def api_error_text(exc: ApiException) -> str:
+    """Status code, reason and the API server's message (for 403s it names the missing permission)."""
+    message = ""
+    try:
+        message = str(json.loads(exc.body or "{}").get("message") or "")
+    except (ValueError, TypeError, AttributeError):
+        pass
+    return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
+
+
 def _raw(resp: Any) -> dict[str, Any]:
     return dict(json.loads(resp.data))
 
@@ -177,4 +187,5 @@ class Kube:
         try:
             self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False)
         except ApiException as exc:  # events are best effort; status is the record
-            log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason)
+            log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"],
+                        api_error_text(exc))

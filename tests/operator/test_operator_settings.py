@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import kopf
 import pytest
 from finetune_api.constants import OPERATOR_HEALTH_PORT, OPERATOR_METRICS_PORT
+from finetune_operator import handlers
+from finetune_operator.metrics import Health
 from finetune_operator.settings import parse_settings
 
 
@@ -36,3 +39,17 @@ def test_environment_gives_defaults_and_flags_win() -> None:
 def test_namespace_and_all_namespaces_exclude_each_other() -> None:
     with pytest.raises(SystemExit):
         parse_settings(["-n", "a", "-A"], env={})
+
+
+@pytest.mark.parametrize(("argv", "scanning_off"), [(["-n", "team-a"], True), (["-A"], False), ([], False)])
+def test_kopf_cluster_wide_scanning_is_off_only_for_exact_namespaces(argv: list[str], scanning_off: bool) -> None:
+    # A namespaced Role cannot list namespaces or CRDs; Kopf would retry that for about a minute
+    # before handling jobs (tests/chart/test_chart_cluster.py runs the operator with such a Role).
+    kopf_settings = kopf.OperatorSettings()
+    memo = kopf.Memo(settings=parse_settings(argv, env={}), health=Health(max_silence=60))
+    try:
+        handlers.configure(settings=kopf_settings, memo=memo)
+    finally:
+        memo["stop"].set()  # the resync loop configure starts
+    assert kopf_settings.scanning.disabled is scanning_off
+    assert memo["health"].ready.is_set()
