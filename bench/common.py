@@ -92,10 +92,10 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 
 def fmt(s: dict[str, float], digits: int = 2) -> str:
-    """'median (min–max)' for a table cell."""
+    """'median (min-max)' for a table cell."""
     if s["n"] == 1:
         return f"{s['median']:.{digits}f}"
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
 
 
 def load_average() -> tuple[float, float, float]:

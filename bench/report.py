@@ -114,6 +114,9 @@ def _overhead(o: dict[str, Any]) -> list[str]:
         "|---|---|---|---|",
         f"| tokens/s (training loop) | {fmt(o['ours_tokens_per_s'], 0)} | {fmt(o['plain_tokens_per_s'], 0)} | "
         f"{fmt(o['tokens_per_s_ratio'], 3)} |",
+        *([f"| tokens per CPU-second (same window) | {fmt(o['a_tokens_per_cpu_s'], 0)} | "
+           f"{fmt(o['b_tokens_per_cpu_s'], 0)} | {fmt(o['tokens_per_cpu_s_ratio'], 3)} |"]
+          if "tokens_per_cpu_s_ratio" in o else []),
         f"| peak RSS (MiB, whole process) | {fmt(o['ours_peak_rss_mib'], 0)} | {fmt(o['plain_peak_rss_mib'], 0)} | "
         f"{fmt(o['peak_rss_ratio'], 3)} |",
         f"| wall time of the process (s) | {fmt(o['ours_wall_s'], 1)} | {fmt(o['plain_wall_s'], 1)} | |",
@@ -153,6 +156,9 @@ def _packing(p: dict[str, Any]) -> list[str]:
         "|---|---|---|---|",
         f"| real (non-pad) tokens/s | {fmt(p['packed_tokens_per_s'], 0)} | {fmt(p['padded_tokens_per_s'], 0)} | "
         f"{fmt(p['speedup'], 2)} |",
+        *([f"| real tokens per CPU-second | {fmt(p['a_tokens_per_cpu_s'], 0)} | "
+           f"{fmt(p['b_tokens_per_cpu_s'], 0)} | {fmt(p['tokens_per_cpu_s_ratio'], 2)} |"]
+          if "tokens_per_cpu_s_ratio" in p else []),
         f"| optimizer steps | {p['steps']['packed']} | {p['steps']['padded']} | |",
         f"| real tokens counted by the Trainer | {p['real_tokens']['packed']} | {p['real_tokens']['padded']} | |",
         f"| final eval loss (base {p['base_eval_loss']:.4f}) | {fmt(p['eval_loss_packed'], 4)} | "

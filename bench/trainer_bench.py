@@ -52,7 +52,9 @@ def overhead(runs: int, steps: int, workdir: Path) -> dict[str, Any]:
     ours_losses, plain_losses = ours[0].result["losses"], plain[0].result["losses"]
     diffs = [abs(x - y) for x, y in zip(ours_losses, plain_losses, strict=False)]
     phase_names = sorted({k for c in ours for k in c.result["phases"]})
+    cpu = _cpu_ratios(ours, plain)
     return {
+        **cpu,
         "config": {"model": fixtures.MODELS["tiny"], "steps": steps, "batch_size": 8, "max_length": 128,
                    "lora": LORA, "rows": "facts (prompt/completion)"},
         "ours_tokens_per_s": summary([c.result["tokens_per_s"] for c in ours]),
@@ -96,7 +98,9 @@ def packing(runs: int, workdir: Path, rows: int = 384, padded_batch: int = 16) -
         packed.append(_run("ours", packed_cfg, workdir, f"packing-packed-{i}"))
         padded.append(_run("ours", padded_cfg, workdir, f"packing-padded-{i}"))
     speedups = [a.result["tokens_per_s"] / b.result["tokens_per_s"] for a, b in zip(packed, padded, strict=True)]
+    cpu = _cpu_ratios(packed, padded)
     return {
+        **cpu,
         "config": {"model": fixtures.MODELS["tiny"], "rows": len(lengths), "max_length": max_length,
                    "padded_batch": padded_batch, "packed_batch": packed_batch, "epochs": 1},
         "token_lengths": {"min": min(lengths), "median": statistics.median(lengths), "mean": round(mean, 1),
@@ -110,6 +114,18 @@ def packing(runs: int, workdir: Path, rows: int = 384, padded_batch: int = 16) -
         "eval_loss_packed": summary([c.result["eval_loss"] for c in packed]),
         "eval_loss_padded": summary([c.result["eval_loss"] for c in padded]),
         "base_eval_loss": packed[0].result["base_eval_loss"],
+    }
+
+
+def _cpu_ratios(a: list[Child], b: list[Child]) -> dict[str, Any]:
+    """Tokens per CPU-second of each side and their ratio (absent for runs without CPU times)."""
+    if not all("tokens_per_cpu_s" in c.result for c in (*a, *b)):
+        return {}
+    return {
+        "a_tokens_per_cpu_s": summary([c.result["tokens_per_cpu_s"] for c in a]),
+        "b_tokens_per_cpu_s": summary([c.result["tokens_per_cpu_s"] for c in b]),
+        "tokens_per_cpu_s_ratio": summary([x.result["tokens_per_cpu_s"] / y.result["tokens_per_cpu_s"]
+                                           for x, y in zip(a, b, strict=True)]),
     }
 
 

@@ -33,25 +33,31 @@ def _loop_timer() -> Any:
 
     class LoopTimer(TrainerCallback):  # type: ignore[misc]
         def __init__(self) -> None:
-            self.begin = self.last = 0.0
+            self.begin = self.last = self.cpu_begin = self.cpu_last = 0.0
             self.tokens = 0
             self.steps = 0
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             mark("train_begin")
             self.begin = time.perf_counter()
+            self.cpu_begin = time.process_time()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             mark("first_optimizer_step")
             self.last = time.perf_counter()
+            self.cpu_last = time.process_time()
             self.tokens = int(state.num_input_tokens_seen or 0)
             self.steps = int(state.global_step)
 
         def result(self, state: Any) -> dict[str, Any]:
             loop = self.last - self.begin
             losses = [h["loss"] for h in state.log_history if "loss" in h]
+            # CPU seconds of the whole process (all threads) in the same window: on a shared
+            # machine, tokens per CPU-second moves far less with other people's load than wall time.
+            cpu = self.cpu_last - self.cpu_begin
             return {"loop_s": loop, "tokens": self.tokens, "steps": self.steps,
-                    "tokens_per_s": self.tokens / loop if loop > 0 else 0.0, "losses": losses}
+                    "tokens_per_s": self.tokens / loop if loop > 0 else 0.0, "loop_cpu_s": cpu,
+                    "tokens_per_cpu_s": self.tokens / cpu if cpu > 0 else 0.0, "losses": losses}
 
     return LoopTimer()
 
