@@ -31,13 +31,15 @@ def _median(section: dict[str, Any] | None, *path: str) -> float | None:
 
 def headline(sections: dict[str, Any]) -> dict[str, Any]:
     op = sections.get("operator") or {}
-    big = (op.get("sizes") or {}).get("1000") or {}
+    sizes = op.get("sizes") or {}
+    big = sizes.get("1000") or {}
+    largest = sizes[max(sizes, key=int)] if sizes else {}
     return {
         "trainer_overhead_ratio": _median(sections.get("overhead"), "tokens_per_s_ratio"),
         "packing_speedup": _median(sections.get("packing"), "speedup"),
         "operator_p99_create_s_1000": _median(big, "probe_latency_s", "p99"),
         "operator_rss_mib_1000": _median(big, "operator_peak_rss_mib"),
-        "api_writes_per_job": _median(big or op.get("largest") or {}, "operator_writes_per_job"),
+        "api_writes_per_job": _median(big or largest, "operator_writes_per_job"),
     }
 
 
