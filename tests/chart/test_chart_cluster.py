@@ -2,26 +2,28 @@
 
 RBAC: the chart's ServiceAccount gets a token from the TokenRequest API; the operator runs with a
 kubeconfig holding only that token and takes a FineTuneJob through its whole lifecycle (children,
-progress scraped from the trainer, success, events). Then each rule of the chart's Role is
-removed in turn and the same run must break: no rule is superfluous (the pods rule and pods/eviction
-serve the stall watchdog's restart, which this run does not take: see STALL_RESTART_RULES).
+progress scraped from the trainer, a stall restart by the watchdog, success, events) without a
+single refused request. Then each rule of the chart's Role is removed in turn and the same run must
+be refused (HTTP 403) a request that only that rule grants: no rule is superfluous.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from finetune_api import constants as c
+from finetune_operator.status import RESTART_REASON_ANNOTATION
 from harness.cluster import STAGE_HOLD, TestCluster, wait_until
 
 from .helm import CHART, REPO, run_helm
@@ -40,8 +42,8 @@ from operator_specs import job_manifest
 
 pytestmark = pytest.mark.cluster
 FTJ = f"{c.PLURAL}.{c.GROUP}"
-STALL_RESTART_RULES = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "patch"]},
-                       {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]}]
+#: The operator's stall timeout in the RBAC runs (seconds): short, so the lifecycle takes a stall restart.
+STALL_TIMEOUT = 2
 
 #: Minimal stand-ins for prometheus-operator's CRDs, so the chart's monitors and rules can be created.
 MONITORING_CRDS = [("servicemonitors", "ServiceMonitor"), ("podmonitors", "PodMonitor"),
@@ -150,7 +152,7 @@ class ServiceAccountOperator(OperatorProcess):
     """The operator tests' operator process, but authenticated as the chart's ServiceAccount."""
 
     def __init__(self, cluster: TestCluster, namespace: str, log_dir: Path, kubeconfig: Path, tag: str) -> None:
-        super().__init__(cluster, namespace, log_dir, tag=tag)
+        super().__init__(cluster, namespace, log_dir, "--stall-timeout", str(STALL_TIMEOUT), tag=tag)
         self.kubeconfig = kubeconfig
 
     def start(self, wait_ready: bool = True) -> ServiceAccountOperator:
@@ -163,71 +165,110 @@ class ServiceAccountOperator(OperatorProcess):
             wait_until(self.ready, 120, f"the operator to be ready (log: {self.log_path})")
         return self
 
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def denied(log: str, rule: dict[str, Any]) -> str | None:
+    """What the API server refused the operator that only `rule` grants, if its log shows a 403 for it.
+
+    The API server's 403 message names verb, resource and group ("cannot list resource \"pods\" in
+    API group \"\""); Kopf's retries and the operator's errors both log it (quotes may be escaped)."""
+    q = r'\\*"'
+    for group in rule["apiGroups"]:
+        for resource in rule["resources"]:
+            pattern = (rf"cannot ({'|'.join(map(re.escape, rule['verbs']))}) resource {q}{re.escape(resource)}{q} "
+                       rf"in API group {q}{re.escape(group)}{q}")
+            found = re.search(pattern, log)
+            if found:
+                return found.group(0).replace("\\", "")
+    return None
+
 
 def pods_of(cluster: TestCluster, namespace: str, name: str) -> list[dict[str, Any]]:
     return [p for p in children(cluster, namespace, name, "pods")
             if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
 
 
-def lifecycle(cluster: TestCluster, namespace: str, op: OperatorProcess, name: str, deadline: float) -> str | None:
-    """Create -> children -> Running with progress scraped from the trainer -> Succeeded, with the
-    events a user sees. Returns None when it all happened, else what did not."""
+class Broken(Exception):
+    """The run cannot go on: the operator exited, or the API server refused it a rule's request."""
+
+
+def lifecycle(cluster: TestCluster, namespace: str, op: ServiceAccountOperator, name: str, deadline: float,
+              broken: Callable[[], str | None]) -> dict[str, float]:
+    """Create -> children -> Running with progress scraped from the trainer -> stalled, so the watchdog
+    annotates and evicts the pod -> the Job's replacement pod runs -> Succeeded, with the events a user
+    sees. Returns when each milestone was reached (seconds after creation); raises AssertionError
+    naming the milestone that was not reached in time, or Broken as soon as broken() says why."""
     metrics = FakeMetrics()
+    reached: dict[str, float] = {}
     try:
-        metrics.set(step=5, total=20, loss=2.0)
+        metrics.set(step=5, total=20, loss=2.0)  # stays at 5 until after the stall restart
         cluster.apply(job_manifest(name, namespace) | {"metadata": {
             "name": name, "namespace": namespace,
             "annotations": {STAGE_HOLD: "true", METRICS_URL_ANNOTATION: metrics.url}}})
-        end = time.monotonic() + deadline
+        start = time.monotonic()
+        end = start + deadline
 
-        def until(predicate: Any) -> bool:
-            while time.monotonic() < end:
+        def until(milestone: str, predicate: Callable[[], Any], what: Callable[[], str]) -> Any:
+            while True:
                 if op.proc is not None and op.proc.poll() is not None:
-                    return False
-                if predicate():
-                    return True
+                    raise Broken(f"the operator exited with {op.proc.returncode}")
+                why = broken()
+                if why is not None:
+                    raise Broken(why)
+                got = predicate()
+                if got:
+                    reached[milestone] = time.monotonic() - start
+                    return got
+                if time.monotonic() > end:
+                    raise AssertionError(f"{milestone} not reached within {deadline:.0f} s: {what()}")
                 time.sleep(0.3)
-            return False
 
         def status() -> dict[str, Any]:
             return ftj_status(cluster, namespace, name)
 
-        if not until(lambda: all(children(cluster, namespace, name, k) for k in ("configmaps", "services", "jobs"))):
-            return "the ConfigMap, Service and Job were not all created"
-        if not until(lambda: status().get("phase") == c.Phase.RUNNING
-                     and (status().get("progress") or {}).get("step") == 5):
-            return f"never Running with the trainer's step in status.progress: {json.dumps(status())[:800]}"
+        def dump() -> str:
+            return json.dumps(status())[:800]
+
+        until("children", lambda: all(children(cluster, namespace, name, k) for k in ("configmaps", "services", "jobs")),
+              lambda: "the ConfigMap, Service and Job were not all created")
+        until("running", lambda: status().get("phase") == c.Phase.RUNNING
+              and (status().get("progress") or {}).get("step") == 5, dump)
+        # The step does not move: after STALL_TIMEOUT the watchdog notes why on the pod (pods patch)
+        # and evicts it (pods/eviction).
+        first = until("stall-restart", lambda: next(
+            (p for p in children(cluster, namespace, name, "pods") if p["metadata"].get("deletionTimestamp")
+             and RESTART_REASON_ANNOTATION in (p["metadata"].get("annotations") or {})), None), dump)
+        until("restart-counted", lambda: status().get("restarts") == 1
+              and str(status().get("lastRestartReason", "")).startswith(c.Reason.STALLED), dump)
+        # Play the kubelet: the evicted trainer saves a checkpoint and exits with PREEMPTED (kwok may
+        # have removed the pod already), and the Job controller starts a replacement.
+        cluster.kubectl("patch", "pod", first["metadata"]["name"], "-n", namespace, "--subresource=status",
+                        "--type=merge", "-p", json.dumps({"status": {"phase": "Failed", "containerStatuses": [{
+                            "name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
+                            "state": {"terminated": {"exitCode": c.ExitCode.PREEMPTED, "reason": "Error",
+                                                     "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                 time.gmtime())}}}]}}),
+                        check=False)
+        until("replaced", lambda: [p for p in pods_of(cluster, namespace, name)
+                                   if p["metadata"]["uid"] != first["metadata"]["uid"]],
+              lambda: "no replacement pod is running")
         metrics.set(step=20, total=20, loss=0.5)
         for p in pods_of(cluster, namespace, name):
             cluster.kubectl("annotate", "pod", p["metadata"]["name"], "-n", namespace, f"{STAGE_HOLD}=false",
                             "--overwrite", check=False)
-        if not until(lambda: status().get("phase") == c.Phase.SUCCEEDED):
-            return f"not Succeeded: {json.dumps(status())[:800]}"
-        wanted = {c.Reason.CREATED, c.Reason.RUNNING, c.Reason.SUCCEEDED}
-        if not until(lambda: wanted <= {e["reason"] for e in events(cluster, namespace, name)}):
-            return f"events missing: {[e['reason'] for e in events(cluster, namespace, name)]}"
-        return None
+        until("succeeded", lambda: status().get("phase") == c.Phase.SUCCEEDED
+              and (status().get("progress") or {}).get("step") == 20, dump)
+        wanted = {c.Reason.CREATED, c.Reason.RUNNING, c.Reason.STALLED, c.Reason.RESTARTED, c.Reason.SUCCEEDED}
+        until("events", lambda: wanted <= {e["reason"] for e in events(cluster, namespace, name)},
+              lambda: f"events missing: {[e['reason'] for e in events(cluster, namespace, name)]}")
+        return reached
     finally:
         metrics.close()
 
 
-def run_as_service_account(cluster: TestCluster, namespace: str, kubeconfig: Path, log_dir: Path, tag: str,
-                           deadline: float) -> str | None:
-    op = ServiceAccountOperator(cluster, namespace, log_dir, kubeconfig, tag)
-    try:
-        try:
-            op.start()
-        except (AssertionError, TimeoutError) as exc:
-            return f"the operator did not start: {exc}"
-        return lifecycle(cluster, namespace, op, f"rbac-{tag}", deadline)
-    finally:
-        op.stop()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("FINETUNE_CHART_RBAC_TEST"),
-                    reason="not yet seen passing on the loaded dev machine (operator not ready in time); "
-                           "run with FINETUNE_CHART_RBAC_TEST=1")
 def test_operator_with_the_chart_service_account_runs_a_job_and_needs_every_rule(
     cluster: TestCluster, namespace: str, tmp_path: Path
 ) -> None:
@@ -237,11 +278,11 @@ def test_operator_with_the_chart_service_account_runs_a_job_and_needs_every_rule
     helm(cluster, "install", release, str(CHART), "-n", namespace, "--skip-crds",
          "--set", "replicaCount=0", "--set-json", f'watch={{"namespaces":["{namespace}"]}}')
     sa = role_name = f"{release}-finetune-operator"
-    role = cluster.get_json("role", role_name, "-n", namespace)
+    role = strip(cluster.get_json("role", role_name, "-n", namespace))
     rules = role["rules"]
     kubeconfig = service_account_kubeconfig(cluster, namespace, sa, tmp_path / "sa.kubeconfig")
 
-    # The identity is really restricted: no secrets, nothing in other namespaces.
+    # The identity is really restricted: no secrets, nothing in other namespaces, nothing cluster-wide.
     def can(*args: str) -> bool:
         out = cluster.kubectl("--kubeconfig", str(kubeconfig), "auth", "can-i", *args, check=False).stdout.strip()
         return out == "yes"
@@ -249,37 +290,56 @@ def test_operator_with_the_chart_service_account_runs_a_job_and_needs_every_rule
     assert can("create", "jobs.batch", "-n", namespace)
     assert not can("get", "secrets", "-n", namespace)
     assert not can("create", "jobs.batch", "-n", "default")
-    assert not can("list", "nodes")
-
-    started = time.monotonic()
-    # Kopf may not list namespaces: it retries for about a minute before it starts handling jobs.
-    failure = run_as_service_account(cluster, namespace, kubeconfig, tmp_path, "full", deadline=240)
-    assert failure is None, f"with every rule: {failure}\n{(tmp_path / f'operator-{namespace}-full.log').read_text()[-3000:]}"
-    took = time.monotonic() - started
-
-    # Each rule of the namespace's Role removed in turn (namespaced mode has nothing cluster-wide).
+    assert not can("list", "nodes") and not can("list", "namespaces")
+    assert not can("list", "customresourcedefinitions.apiextensions.k8s.io")
     assert not cluster.kubectl("get", "clusterroles", "-l", f"app.kubernetes.io/instance={release}",
                                "-o", "name").stdout.strip()
-    # Pod patch and eviction serve only the stall watchdog's restart, which this run does not take
-    # (tests/operator covers it); every other rule must be needed by the run above.
-    candidates = [(role, i) for i, rule in enumerate(rules) if rule not in STALL_RESTART_RULES]
-    assert len(candidates) == len(rules) - len(STALL_RESTART_RULES)
-    superfluous = []
+
     try:
-        for obj, i in candidates:
-            reduced = strip(obj) | {"rules": obj["rules"][:i] + obj["rules"][i + 1:]}
-            cluster.apply(reduced)
+        # With every rule: the whole lifecycle, without a single refused request. Kopf's cluster-wide
+        # scanning is off in namespaced mode, so the operator handles the job at once after start-up
+        # (with it on, Kopf retried the forbidden namespace listing for ~55 s before handling anything).
+        op = ServiceAccountOperator(cluster, namespace, tmp_path, kubeconfig, "full")
+        try:
+            op.start()
+            reached = lifecycle(cluster, namespace, op, "rbac-full", deadline=240, broken=lambda: None)
+        except (AssertionError, Broken) as exc:
+            raise AssertionError(f"with every rule: {exc}\noperator log:\n{op.log()[-4000:]}") from None
+        finally:
+            op.stop()
+        log = op.log()
+        assert not re.search(r"forbidden|Not enough permissions", log, re.IGNORECASE), log[-4000:]
+        assert reached["children"] < 30, f"slow start-up in namespaced mode: {reached}"
+
+        # Each rule removed in turn: the same run must be refused a request that only this rule
+        # grants (the API server's 403 in the operator's log). One operator process per variant (Kopf's
+        # watches keep the permissions they were opened with), all in the same namespace.
+        superfluous, outcomes = [], {}
+        for i, rule in enumerate(rules):
+            tag = f"minus{i}"
+            cluster.apply(role | {"rules": rules[:i] + rules[i + 1:]})
+            op = ServiceAccountOperator(cluster, namespace, tmp_path, kubeconfig, tag)
+            started = time.monotonic()
             try:
-                # Generous against a slow machine, but far below what a working run needs twice over.
-                failure = run_as_service_account(cluster, namespace, kubeconfig, tmp_path,
-                                                 f"{obj['kind'].lower()}-minus{i}", deadline=max(25.0, 2 * took))
+                op.start()
+                # The 403s come within seconds (the eviction one after the stall timeout); the
+                # deadline only bounds a run that neither breaks nor finishes.
+                lifecycle(cluster, namespace, op, f"rbac-{tag}", deadline=max(60.0, 2 * reached["events"]),
+                          broken=lambda rule=rule, op=op: denied(op.log(), rule))
+                superfluous.append(rule)
+            except Broken as exc:
+                outcomes[tag] = (round(time.monotonic() - started, 1), str(exc))
+            except AssertionError as exc:
+                raise AssertionError(f"without {rule}: no 403 for it and the run did not finish: {exc}\n"
+                                     f"operator log:\n{op.log()[-4000:]}") from None
             finally:
-                cluster.apply(strip(obj))
-            if failure is None:
-                superfluous.append((obj["kind"], obj["rules"][i]))
+                op.kill()
+                cluster.apply(role)
+                cluster.kubectl("delete", FTJ, f"rbac-{tag}", "-n", namespace, "--ignore-not-found", "--wait=false")
+        print(f"RBAC: full run milestones {reached}; broken variants (seconds, why) {outcomes}")
+        assert not superfluous, f"the lifecycle works without these rules, drop them from the chart: {superfluous}"
     finally:
         helm(cluster, "uninstall", release, "-n", namespace, check=False)
-    assert not superfluous, f"the lifecycle works without these rules, drop them from the chart: {superfluous}"
 
 
 def strip(obj: dict[str, Any]) -> dict[str, Any]:

@@ -103,8 +103,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/* The operator's RBAC rules, one resource per rule, only the verbs finetune_operator calls
-(k8s.py, Kopf's watches and its annotation patches). Nothing cluster-scoped: Kopf's namespace and
-CRD observers only warn when they may not list those. */}}
+(k8s.py, Kopf's watches and its annotation patches). Nothing cluster-scoped: with exact namespaces
+the operator turns Kopf's namespace and CRD scanning off. */}}
 {{- define "finetune-operator.rules" -}}
 # Kopf watches FineTuneJobs and keeps its progress in their annotations.
 - apiGroups: ["finetune.dev"]
@@ -126,10 +126,14 @@ CRD observers only warn when they may not list those. */}}
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "create"]
-# Trainer pods: watched for progress and exit, annotated before a stall restart.
+# Trainer pods: watched for progress and exit.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch"]
+# The stall watchdog notes its reason on a pod before it restarts it.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["patch"]
 # Stall restarts evict the pod (a disruption, not a failure).
 - apiGroups: [""]
   resources: ["pods/eviction"]
