@@ -24,6 +24,7 @@ TRL script's.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -173,6 +174,18 @@ def _check_messages(where: str, column: str, value: Any) -> list[dict[str, str]]
     return out
 
 
+def _label(row: Row, column: str) -> str:
+    """The gold class label of a row (dataset.fields.label), as text: CSV/JSON may hold numbers."""
+    value = row.values.get(column)
+    if value is None or isinstance(value, (dict, list)) or str(value).strip() == "":
+        present = ", ".join(sorted(row.values)) or "none"
+        raise DataError(
+            f"{row.where}: column {column!r} (dataset.fields.label) needs a non-empty string or number "
+            f"label; columns present: {present}"
+        )
+    return str(value)
+
+
 def canonical_rows(rows: list[Row], ds: DatasetSpec) -> list[dict[str, Any]]:
     """Rows renamed to canonical fields and type-checked; DataError names file, line and column."""
     wanted = FORMAT_FIELDS[ds.format]
@@ -195,6 +208,8 @@ def canonical_rows(rows: list[Row], ds: DatasetSpec) -> list[dict[str, Any]]:
             elif not isinstance(value, str):
                 raise DataError(f"{row.where}: column {column!r}: expected a string, got {type(value).__name__}")
             rec[field] = value
+        if ds.fields.label is not None:
+            rec["label"] = _label(row, ds.fields.label)
         if ds.format == "messages" and ds.loss_masking in ("assistant_only", "completion_only"):
             if not any(m["role"] == "assistant" for m in rec["messages"]):
                 raise DataError(f"{row.where}: column {ds.fields.column('messages')!r}: no assistant message to learn")
@@ -330,10 +345,15 @@ class SftData:
     train: Any  # datasets.Dataset with input_ids, labels
     eval: Any
     train_tokens: int
+    #: Canonical held-out records before tokenization (prompt, reference answer, `label` when
+    #: dataset.fields.label is set), for generation metrics (BLEU/ROUGE/win-rate/accuracy/F1).
+    eval_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def prepare_sft(ds: DatasetSpec, tokenizer: Any, workdir: Path, seed: int) -> SftData:
     splits = load_splits(ds, workdir, seed)
     train = tokenize_rows(splits.train, tokenizer, ds, "train")
     held = tokenize_rows(splits.eval, tokenizer, ds, "validation")
-    return SftData(train=train, eval=held, train_tokens=sum(len(x) for x in train["input_ids"]))
+    return SftData(
+        train=train, eval=held, train_tokens=sum(len(x) for x in train["input_ids"]), eval_records=splits.eval
+    )

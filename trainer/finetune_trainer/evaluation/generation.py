@@ -197,6 +197,13 @@ def generation_metrics(
 # --- Held-out generation evaluation for a recipe -------------------------------------------
 
 GENERATION_METRICS = ("bleu", "rouge", "win_rate", "accuracy", "f1")
+#: metrics.json `generation` keys that are headline numbers (termination message, status.metrics).
+HEADLINE = ("bleu", *ROUGE_TYPES, "win_rate", "accuracy", "f1")
+
+
+def headline(metrics: dict[str, float]) -> dict[str, float]:
+    """The headline numbers of a `generation` section, for a recipe's `summary` section."""
+    return {k: float(metrics[k]) for k in HEADLINE if k in metrics}
 
 
 class GenerationEval:

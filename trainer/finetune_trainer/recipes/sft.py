@@ -1,7 +1,8 @@
 """Supervised fine-tuning (objective sft) with TRL's SFTTrainer, for every method.
 
 setup: model + tokenizer, tokenized data with loss masks, the method's PEFT wrapper.
-train: SFTTrainer with settings from config.py; the base model is evaluated first.
+train: SFTTrainer with settings from config.py; the base model is evaluated first (held-out
+       loss, and answers to held-out prompts when evaluation.metrics asks for generation metrics).
 save:  adapter or full model + tokenizer (+ merged/), and the metrics for metrics.json.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 from finetune_api.spec import FineTuneJobSpec
 
 from .. import config, continual, data, methods, models, output
-from ..evaluation import perplexity
+from ..evaluation import generation, perplexity
 from . import RecipeContext, RecipeResult, base
 
 log = logging.getLogger(__name__)
@@ -93,18 +94,28 @@ def save(ctx: RecipeContext, s: Setup, trainer: Any) -> None:
 def run(ctx: RecipeContext) -> RecipeResult:
     s = setup(ctx)
     trainer = build_trainer(ctx, s)
+    # bleu/rouge/win_rate/accuracy/f1 on held-out prompts (a no-op unless evaluation asks for them).
+    gen = generation.GenerationEval.from_records(s.spec, s.loaded.tokenizer, s.data.eval_records)
     metrics: dict[str, Any] = {}
     if s.spec.evaluation.baseline:
         metrics["base"] = perplexity.evaluate(trainer, base=True)
+    gen.answer_base(trainer.model)
     earlier_before = continual.earlier_loss(trainer, s.continual)
     train_output = trainer.train(resume_from_checkpoint=base.resume_from(ctx, s.spec))
+    summary: dict[str, float] = {}
     if s.spec.objective.continual is not None:
         metrics["continual"] = continual.report(
             s.continual, earlier_before, continual.earlier_loss(trainer, s.continual)
         )
-        metrics["summary"] = continual.summary(metrics["continual"])
+        summary.update(continual.summary(metrics["continual"]))
     metrics["train"] = base.train_summary(trainer, train_output)
     metrics["tuned"] = perplexity.evaluate(trainer)
+    generation_metrics = gen.score_tuned(trainer.model)
+    if generation_metrics:
+        metrics["generation"] = generation_metrics
+        summary.update(generation.headline(generation_metrics))
+    if summary:
+        metrics["summary"] = summary
     trainable, all_params = methods.trainable_parameters(trainer.model)
     metrics["method"] = {"type": s.spec.method.type, "trainableParameters": trainable, "totalParameters": all_params}
     save(ctx, s, trainer)
