@@ -15,6 +15,7 @@ import httpx
 import pytest
 import yaml
 from finetune_api.constants import MANIFEST_FILE, METRICS_FILE, TRAINER_METRIC_PREFIX, Env, ExitCode
+from finetune_api.status import TerminationMessage
 from finetune_cli.main import main as finetune
 
 
@@ -78,7 +79,8 @@ def container_run(make_spec: Any, tmp_path_factory: pytest.TempPathFactory) -> d
         scraper.stop.set()
         scraper.join()
         mp.undo()
-    return {"code": code, "out": tmp / "artifact", "scraper": scraper, "termination": tmp / "termination-log"}
+    return {"code": code, "out": tmp / "artifact", "scraper": scraper, "termination": tmp / "termination-log",
+            "spec": spec, "env": env}
 
 
 def test_metrics_endpoint_shows_increasing_steps(container_run: dict[str, Any]) -> None:
@@ -114,8 +116,6 @@ def test_manifest_lists_every_file_and_is_written_last(container_run: dict[str, 
 
 
 def test_termination_message_reports_the_artifact(container_run: dict[str, Any]) -> None:
-    from finetune_api.status import TerminationMessage
-
     raw = container_run["termination"].read_bytes()
     assert len(raw) <= 4096
     msg = TerminationMessage.model_validate_json(raw)
@@ -123,6 +123,55 @@ def test_termination_message_reports_the_artifact(container_run: dict[str, Any])
     manifest_bytes = (container_run["out"] / MANIFEST_FILE).read_bytes()
     assert msg.artifact.sha256 == hashlib.sha256(manifest_bytes).hexdigest()
     assert msg.metrics["evalLoss"] < msg.metrics["baseEvalLoss"]
+    # status.lastCheckpoint: the newest complete checkpoint (the Trainer saves one at the last step).
+    ckpt = msg.last_checkpoint
+    assert ckpt is not None and ckpt.step == 12
+    assert ckpt.uri == str(container_run["out"] / "checkpoints" / "step-12")
+    assert (Path(ckpt.uri) / MANIFEST_FILE).is_file()
+
+
+def _train_again(container_run: dict[str, Any], tmp: Path, spec: dict[str, Any]) -> tuple[int, TerminationMessage]:
+    spec_file = tmp / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**container_run["env"], Env.SPEC_PATH: str(spec_file),
+                     Env.TERMINATION_LOG: str(tmp / "termination-log"), Env.METRICS_PORT: "0"}.items():
+            mp.setenv(k, v)
+        code = finetune(["train"])
+    return code, TerminationMessage.model_validate_json((tmp / "termination-log").read_bytes())
+
+
+def test_rerun_of_a_finished_job_reports_the_artifact_without_retraining(
+    container_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out: Path = container_run["out"]
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    first = TerminationMessage.model_validate_json(container_run["termination"].read_bytes())
+    code, msg = _train_again(container_run, tmp_path, container_run["spec"])
+    assert code == ExitCode.SUCCESS
+    assert msg.outcome == "succeeded" and "not retrained" in msg.message
+    assert msg.artifact == first.artifact and msg.metrics == first.metrics
+    assert msg.last_checkpoint is not None and msg.last_checkpoint.step == 12
+    # Nothing rewritten, nothing added (no new checkpoint from a resumed no-op training).
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == files
+    # `finetune run` into the same output says so too.
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(_manifest_doc(container_run["spec"])))
+    assert finetune(["run", str(manifest), "--output", str(out), "--no-progress", "--metrics-port", "0"]) == 0
+    assert "not retrained" in capsys.readouterr().out
+
+
+def test_rerun_with_another_spec_into_a_finished_output_is_refused(
+    container_run: dict[str, Any], tmp_path: Path
+) -> None:
+    out: Path = container_run["out"]
+    manifest_before = (out / MANIFEST_FILE).read_bytes()
+    changed = {**container_run["spec"], "hyperparameters": {**container_run["spec"]["hyperparameters"], "maxSteps": 20}}
+    code, msg = _train_again(container_run, tmp_path, changed)
+    assert code == ExitCode.PERMANENT
+    assert msg.outcome == "failed" and msg.reason == "InvalidSpec"
+    assert f"{out} already holds a complete artifact" in msg.message and "hyperparameters" in msg.message
+    assert (out / MANIFEST_FILE).read_bytes() == manifest_before
 
 
 def test_finetune_run_trains_and_says_where_the_artifact_is(

@@ -4,6 +4,11 @@ Validates the manifest with the same API model as the operator, trains in this p
 a local GPU) with a progress bar, publishes the artifact, and prints the eval loss before and
 after, where the artifact is and how to load it. Exit codes as the container's: 0, 42 for
 permanent errors (bad manifest, bad data), 1 for anything else.
+
+Re-running into an output that already holds a complete artifact (manifest.json), with
+checkpointing.resume: auto (the default), never retrains silently: the same spec reports the
+existing artifact and exits 0 without rewriting it; a different spec exits 42 naming the URI.
+Use another --output, delete the artifact, or set resume: never to train again and replace it.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from finetune_api.spec import PEFT_METHODS
 
 from .errors import exit_code_for
 
+RERUN_HELP = " ".join(__doc__.split("\n\n")[2].split())
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finetune run", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="finetune run", description=__doc__.splitlines()[0], epilog=RERUN_HELP)
     p.add_argument("file", metavar="FILE.yaml", help="A FineTuneJob manifest.")
     p.add_argument("--output", metavar="URI", help="Publish here instead of spec.output.uri.")
     p.add_argument("--max-steps", type=int, metavar="N", help="Stop after N optimizer steps.")
@@ -65,6 +72,7 @@ def main(argv: list[str]) -> int:
         return ExitCode.PERMANENT
 
     from . import output
+    from .evaluation.generation import HEADLINE
     from .runner import Overrides, run_job
 
     spec = job.spec
@@ -91,6 +99,8 @@ def main(argv: list[str]) -> int:
     print()
     print(f"FineTuneJob {job.metadata.name}: {spec.method.type} / {spec.objective.type}, "
           f"{m.get('train', {}).get('steps', '?')} steps")
+    if result.reused:
+        print(f"  already complete: {result.output_uri} holds this spec's artifact (manifest.json); not retrained")
     if "base" in m and "tuned" in m:
         b, t = m["base"], m["tuned"]
         verdict = "dropped" if t["evalLoss"] < b["evalLoss"] else "did NOT drop"
@@ -98,6 +108,9 @@ def main(argv: list[str]) -> int:
         print(f"  perplexity  base {b['perplexity']:.2f} -> tuned {t['perplexity']:.2f}")
     elif "tuned" in m:
         print(f"  eval loss {m['tuned']['evalLoss']:.4f}, perplexity {m['tuned']['perplexity']:.2f}")
+    gen = m.get("generation", {})
+    if gen:
+        print("  generation  " + ", ".join(f"{k} {gen[k]:.3f}" for k in HEADLINE if k in gen))
     print(f"  artifact    {result.output_uri}  ({len(result.manifest.files)} files, "
           f"{result.artifact.size_bytes / 1e6:.1f} MB, manifest sha256 {result.artifact.sha256[:12]})")
     print("  load it with:")

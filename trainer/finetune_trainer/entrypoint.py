@@ -19,7 +19,7 @@ from pathlib import Path
 from finetune_api import ManifestError, parse_spec
 from finetune_api.constants import ExitCode, Reason
 from finetune_api.spec import FineTuneJobSpec
-from finetune_api.status import TerminationMessage
+from finetune_api.status import Checkpoint, TerminationMessage
 
 from . import termination
 from .errors import PermanentError, exit_code_for
@@ -62,6 +62,20 @@ def summary_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _last_checkpoint(checkpoints_uri: str | None) -> Checkpoint | None:
+    """The newest complete checkpoint, for status.lastCheckpoint. The artifact is out already:
+    a failed listing only leaves the field empty, it must not fail the job."""
+    if not checkpoints_uri:
+        return None
+    from .checkpointing import latest_checkpoint
+
+    try:
+        return latest_checkpoint(checkpoints_uri)
+    except Exception as exc:
+        log.warning("cannot list checkpoints at %s for status.lastCheckpoint: %s", checkpoints_uri, exc)
+        return None
+
+
 def main(argv: list[str]) -> int:
     from finetune_api.constants import Env
 
@@ -94,10 +108,12 @@ def main(argv: list[str]) -> int:
         return code
     if result.artifact is None:  # a rank other than 0: rank 0 published and reports
         return ExitCode.SUCCESS
+    message = (f"artifact already published to {result.output_uri} by an earlier run of this spec; not retrained"
+               if result.reused else f"artifact published to {result.output_uri}")
     termination.write(TerminationMessage(
-        outcome="succeeded", reason=Reason.SUCCEEDED,
-        message=f"artifact published to {result.output_uri}",
+        outcome="succeeded", reason=Reason.SUCCEEDED, message=message,
         artifact=result.artifact, metrics=summary_metrics(result.metrics),
+        last_checkpoint=_last_checkpoint(result.checkpoints_uri),
     ))
     log.info("artifact %s (manifest sha256 %s)", result.output_uri, result.artifact.sha256)
     return ExitCode.SUCCESS

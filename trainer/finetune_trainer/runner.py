@@ -7,6 +7,7 @@ container entry point) call.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -15,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_api.constants import SCRATCH_DIR
+from finetune_api.constants import MANIFEST_FILE, METRICS_FILE, SCRATCH_DIR
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import Artifact, Manifest
 
 from . import distributed, output, storage, uris
+from .errors import ConfigError
 from .metrics import MetricsCallback, TrainerMetrics
 from .recipes import RecipeContext, RecipeResult
+from .recipes.base import checkpoint_uri, checkpoints_uri_for
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,44 @@ class RunResult:
     artifact: Artifact | None  # None on ranks other than 0 (they do not publish)
     manifest: Manifest | None
     metrics: dict[str, Any]
-    recipe: RecipeResult
+    recipe: RecipeResult | None  # None when an earlier run had already published (reused)
     metrics_port: int | None = None
+    #: Where this run's checkpoints are published (status.lastCheckpoint is read from there).
+    checkpoints_uri: str | None = None
+    #: True when the output already held this spec's complete artifact: nothing was trained.
+    reused: bool = False
+
+
+def _comparable(spec_doc: dict[str, Any]) -> dict[str, Any]:
+    """A spec's wire form without output.uri (`--output` / $FINETUNE_OUTPUT_URI may move it)."""
+    doc = dict(spec_doc)
+    doc["output"] = {k: v for k, v in dict(doc.get("output") or {}).items() if k != "uri"}
+    return doc
+
+
+def finished_run(spec: FineTuneJobSpec, dest: str) -> RunResult | None:
+    """With resume: auto, the complete artifact an earlier run of this spec left at `dest`.
+
+    A finished job is never silently retrained: the same spec gets the existing artifact back
+    (a pod retried after it published must report success, not train again); a different spec
+    is a permanent error naming the URI, since overwriting another job's artifact loses it.
+    """
+    manifest = storage.read_manifest(dest)
+    if manifest is None or manifest.kind != "artifact":
+        return None
+    old, new = _comparable(manifest.spec), _comparable(spec.wire())
+    if old != new:
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ConfigError(
+            f"{dest} already holds a complete artifact ({MANIFEST_FILE}, created {manifest.created_at}) "
+            f"of a different spec (differs in: {', '.join(changed)}); publish to another output URI, "
+            "delete it, or set checkpointing.resume: never to train from scratch and replace it"
+        )
+    artifact = storage.artifact_of(dest)
+    raw = storage.read_file(dest, METRICS_FILE)
+    metrics = json.loads(raw) if raw else {}
+    log.info("%s already holds the complete artifact of this spec: not retraining", dest)
+    return RunResult(dest, artifact, manifest, metrics, None, reused=True, checkpoints_uri=checkpoints_uri_for(dest))
 
 
 def recipe_module(objective: str) -> Any:
@@ -71,6 +110,11 @@ def run_job(spec: FineTuneJobSpec, output_uri: str | None = None, overrides: Ove
         uris.local_path(dest).mkdir(parents=True, exist_ok=True)
     # Fail before any training time is spent when the output cannot be written.
     storage.check_writable(dest)
+    # Every rank decides alike (the same manifest), so none trains alone.
+    if spec.checkpointing.resume == "auto":
+        done = finished_run(spec, dest)
+        if done is not None:
+            return done
     recipe = recipe_module(spec.objective.type)
     workdir = _scratch(o.workdir)
     metrics = TrainerMetrics()
@@ -96,7 +140,7 @@ def run_job(spec: FineTuneJobSpec, output_uri: str | None = None, overrides: Ove
             return RunResult(dest, None, None, result.metrics, result, port)
         output.write_metrics(ctx.stage, result.metrics)
         manifest, artifact = output.publish(ctx.stage, dest, spec, result.base_model)
-        return RunResult(dest, artifact, manifest, result.metrics, result, port)
+        return RunResult(dest, artifact, manifest, result.metrics, result, port, checkpoints_uri=checkpoint_uri(ctx))
     finally:
         metrics.close()
         if not o.keep_workdir:

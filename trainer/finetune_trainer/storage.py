@@ -411,6 +411,20 @@ def _write_manifest(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> No
         fs.pipe_file(path, data)  # a single PUT: S3 objects appear atomically
 
 
+def read_file(uri: str, name: str) -> bytes | None:
+    """One (small) file of a prefix, e.g. metrics.json of an artifact; None when it is absent."""
+    fs, root = resolve(uri)
+    path = f"{root}/{name}"
+
+    def load() -> bytes | None:
+        try:
+            return bytes(fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+
+    return _retry("read", _join(uri, name), load)
+
+
 def artifact_of(uri: str) -> Artifact | None:
     """The Artifact a complete prefix describes (sha256 of its manifest bytes), or None."""
     fs, root = resolve(uri)

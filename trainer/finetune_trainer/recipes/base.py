@@ -17,7 +17,12 @@ from . import RecipeContext
 
 
 def checkpoint_uri(ctx: RecipeContext) -> str:
-    return ctx.checkpoint_uri or os.environ.get(Env.CHECKPOINT_URI) or f"{ctx.output_uri.rstrip('/')}/{CHECKPOINTS_DIR}"
+    return checkpoints_uri_for(ctx.output_uri, ctx.checkpoint_uri)
+
+
+def checkpoints_uri_for(output_uri: str, override: str | None = None) -> str:
+    """Where checkpoints go: the override, $FINETUNE_CHECKPOINT_URI, else <output>/checkpoints."""
+    return override or os.environ.get(Env.CHECKPOINT_URI) or f"{output_uri.rstrip('/')}/{CHECKPOINTS_DIR}"
 
 
 def _checkpointing() -> Any | None:
