@@ -196,6 +196,14 @@ class Watcher:
         self.stop.set()
 
 
+def _rss_mib(pid: int) -> float:
+    """Peak RSS so far (VmHWM) of a live process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
 def _wait(pred: Any, timeout: float, what: str, interval: float = 0.2) -> float:
     t0 = time.monotonic()
     while not pred():
@@ -306,6 +314,8 @@ def one_size(cluster: Any, api: Any, n: int, probes: int, workdir: Path, metrics
 
 def _measure(cluster: Any, api: Any, core: Any, custom: Any, ns: str, op: Operator, n: int, probes: int,
              metrics_url: str) -> dict[str, Any]:
+    from kubernetes import client
+
     _wait(op.ready, 120, f"the operator to be ready (log {op.log})")
     watcher = Watcher(api, ns)
     time.sleep(1.0)  # both watches established
@@ -336,6 +346,11 @@ def _measure(cluster: Any, api: Any, core: Any, custom: Any, ns: str, op: Operat
             # Censored: no Job within the limit; counted as the limit (the true latency is larger).
             probe_lat.append(float(PROBE_TIMEOUT))
             probes_timed_out += 1
+    early = {"jobs": len(names), "burst_latency_s": latency_summary(burst), "all_running_s": max(running) - t0,
+             "probe_latency_s": latency_summary(probe_lat) if probe_lat else None,
+             "probes_timed_out": probes_timed_out, "operator_rss_mib_live": _rss_mib(op.proc.pid)}
+    # Kept even if the finish below fails (a 1,000-job delete can time out on a loaded API server).
+    (op.log.parent / f"operator-{n}-live.json").write_text(json.dumps(early, indent=1))
     # Finish: the pods succeed, every job ends, then the jobs are deleted.
     pods = core.list_namespaced_pod(ns).items
     for pod in pods:
@@ -343,7 +358,11 @@ def _measure(cluster: Any, api: Any, core: Any, custom: Any, ns: str, op: Operat
     terminal = {c.Phase.SUCCEEDED, c.Phase.FAILED}
     _wait(lambda: all(watcher.phase.get(x) in terminal for x in names), timeout, "every FineTuneJob to finish")
     phases = Counter(watcher.phase.get(x) for x in names)
-    custom.delete_collection_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL)
+    try:
+        custom.delete_collection_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL)
+    except client.ApiException as exc:
+        if exc.status != 504:  # the server goes on deleting after its request timeout
+            raise
     _wait(lambda: all(watcher.phase.get(x) == "Deleted" for x in names), timeout, "every FineTuneJob to be deleted")
     time.sleep(2.0)  # requests still in flight reach the log
     rss = op.stop()
