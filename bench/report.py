@@ -210,10 +210,15 @@ def _operator(o: dict[str, Any]) -> list[str]:
     for n, r in sorted(o.get("sizes", {}).items(), key=lambda kv: int(kv[0])):
         b, pr = r["burst_latency_s"], r.get("probe_latency_s") or {}
         probe = f"{pr['p50']:.3f} / {pr['p99']:.3f}" if pr else "-"
+        def num(key: str, digits: int, r: dict[str, Any] = r) -> str:
+            return f"{r[key]:.{digits}f}" if isinstance(r.get(key), (int, float)) else "-"
+
+        timed_out = f" ({r['probes_timed_out']} timed out)" if r.get("probes_timed_out") else ""
+        note = " (live phase only: the finish did not complete)" if r.get("lifecycle_incomplete") else ""
         lines.append(
-            f"| {n} | {b['p50']:.3f} / {b['p99']:.3f} | {r['all_running_s']:.1f} | {probe} | "
-            f"{r['operator_peak_rss_mib']:.0f} | {r['operator_writes_per_job']:.1f} | "
-            f"{r['operator_reads_per_job']:.1f} | {r['all_writes_per_job']:.1f} |")
+            f"| {n}{note} | {b['p50']:.3f} / {b['p99']:.3f} | {num('all_running_s', 1)} | {probe}{timed_out} | "
+            f"{num('operator_peak_rss_mib', 0)} | {num('operator_writes_per_job', 1)} | "
+            f"{num('operator_reads_per_job', 1)} | {num('all_writes_per_job', 1)} |")
     for n, r in sorted(o.get("sizes", {}).items(), key=lambda kv: int(kv[0])):
         if r.get("operator_writes_by_verb"):
             lines += ["", f"Operator writes at {n} jobs by verb/resource: "
