@@ -162,6 +162,14 @@ def test_two_processes_match_one(name: str, method: dict[str, Any], strategy: di
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="At the pinned versions (deepspeed 0.19.8, accelerate 1.15.0) a torchrun launch on CPU with "
+    "DeepSpeed leaves accelerate's AcceleratorState with no backend (num_processes=1 while the world is 2), "
+    "so TRL's gather_for_metrics in SFTTrainer.compute_loss fails in gloo all_gather ('expected length 2, "
+    "got 1'). ZeRO-2/3 are covered on GPU by bench/gpu_check.sh. strict: this fails loudly once it works.",
+)
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_on_cpu(stage: int, make_spec: Any, baselines: dict[str, list[float]], tmp_path: Path) -> None:
     # DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) works at 0.19.8; its first use compiles

@@ -89,7 +89,8 @@ def deepspeed_config(spec: FineTuneJobSpec) -> dict[str, Any]:
             zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
+        # No train_batch_size: DeepSpeed derives it as micro x accumulation x world size. The
+        # Trainer's "auto" fill used a world size of 1 on CPU and DeepSpeed then refused the config.
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
         "bf16": {"enabled": "auto"},
