@@ -12,22 +12,23 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_api.constants import TRAINER_METRIC_PREFIX, TRAINER_METRICS_PORT, Env
+from finetune_api.constants import TRAINER_METRIC_PREFIX, TRAINER_METRICS_PORT, Env, TrainerMetric
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from transformers import TrainerCallback
 
 P = TRAINER_METRIC_PREFIX
 
-#: Every metric name the trainer exports (the chart's dashboards may use only these).
+#: Every metric name the trainer exports (the chart's dashboards may use only these). The ones the
+#: operator reads come from the shared contract, so the two sides cannot drift apart.
 NAMES = {
-    "step": f"{P}step",
-    "total_steps": f"{P}total_steps",
-    "epoch": f"{P}epoch",
-    "loss": f"{P}loss",
-    "learning_rate": f"{P}learning_rate",
+    "step": TrainerMetric.STEP,
+    "total_steps": TrainerMetric.TOTAL_STEPS,
+    "epoch": TrainerMetric.EPOCH,
+    "loss": TrainerMetric.LOSS,
+    "learning_rate": TrainerMetric.LEARNING_RATE,
     "tokens": f"{P}tokens_processed_total",
-    "tokens_per_second": f"{P}tokens_per_second",
-    "eval_loss": f"{P}eval_loss",
+    "tokens_per_second": TrainerMetric.TOKENS_PER_SECOND,
+    "eval_loss": TrainerMetric.EVAL_LOSS,
     "gpu_memory": f"{P}gpu_memory_allocated_bytes",
     "info": f"{P}info",
 }
