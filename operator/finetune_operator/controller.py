@@ -1,8 +1,12 @@
 """Reconcile one FineTuneJob: get, build, apply, observe, compute status, patch only when changed.
 
-Every trigger (a FineTuneJob created, resumed or updated; an owned Job changed; the periodic
+Every trigger (a FineTuneJob created, resumed or updated; an owned Job or pod changed; the periodic
 resync) ends in `Controller.reconcile(namespace, name)`, which is idempotent: it can run twice, or
 after the operator died half-way, and converges on the same children and the same status.
+
+Reads come from the watch cache (`cache.WatchCache`, fed by Kopf's event handlers), not from the
+API server. The API is read only where the cache cannot be trusted: a FineTuneJob not seen yet,
+and, before children are re-created for a job that had them, whether the job still exists.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ import logging
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,7 @@ from finetune_api.status import FineTuneJobStatus
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import builders, status
+from .cache import WatchCache, key_of
 from .k8s import Kube
 from .metrics import OperatorMetrics
 from .settings import Settings
@@ -55,6 +59,10 @@ class _Watch:
     since: float
 
 
+def _owned_by(child: dict[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in child["metadata"].get("ownerReferences") or [])
+
+
 class Controller:
     def __init__(self, kube: Kube, settings: Settings, metrics: OperatorMetrics) -> None:
         self.kube = kube
@@ -64,6 +72,9 @@ class Controller:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._watch: dict[str, _Watch] = {}
+        self.cache = WatchCache()
+        # Parsed spec per job, by (uid, generation): validation is the costliest step of a reconcile.
+        self._specs: dict[str, tuple[tuple[str, int | None], FineTuneJobSpec | ManifestError]] = {}
 
     def _lock(self, key: str) -> threading.Lock:
         with self._locks_guard:
@@ -71,12 +82,14 @@ class Controller:
 
     # --- entry points ------------------------------------------------------------------------
 
-    def reconcile(self, namespace: str, name: str) -> None:
-        key = f"{namespace}/{name}"
+    def reconcile(self, namespace: str, name: str, full: bool = False) -> None:
+        """Converge one job. `full` also makes sure every child exists (create, resume, spec update);
+        otherwise children are created only when the cache shows no Job."""
+        key = key_of(namespace, name)
         start = time.monotonic()
         try:
             with self._lock(key):
-                self._reconcile(namespace, name, key)
+                self._reconcile(namespace, name, key, full)
         except Exception as exc:
             self.metrics.reconcile_errors.labels(kind=type(exc).__name__).inc()
             raise
@@ -84,34 +97,59 @@ class Controller:
             self.metrics.reconcile_duration.observe(time.monotonic() - start)
 
     def forget(self, namespace: str, name: str) -> None:
-        key = f"{namespace}/{name}"
+        key = key_of(namespace, name)
         self.metrics.set_phase(key, None)
         self._watch.pop(key, None)
+        self._specs.pop(key, None)
+        self.cache.drop_ftj(key)
+        with self._locks_guard:
+            self._locks.pop(key, None)
 
-    def resync(self, namespaces: Iterable[str | None]) -> None:
-        """Reconcile every live job (progress, watchdog) and drop the ones that are gone."""
-        seen: set[str] = set()
-        for ns in namespaces:
-            for body in self.kube.list_ftjs(ns):
-                meta = body["metadata"]
-                key = f"{meta['namespace']}/{meta['name']}"
-                seen.add(key)
-                phase = (body.get("status") or {}).get("phase")
-                if phase in c.Phase.TERMINAL:
-                    self.metrics.set_phase(key, phase)
-                    continue
-                try:
-                    self.reconcile(meta["namespace"], meta["name"])
-                except Exception:
-                    log.exception("resync of %s failed", key)
-        for key in self.metrics.known() - seen:
+    # --- what the watches deliver -------------------------------------------------------------
+
+    def seen_ftj(self, event: str | None, body: dict[str, Any]) -> None:
+        self.cache.put_ftj(body, event)
+        if event == "DELETED":
+            meta = body["metadata"]
+            self.forget(meta["namespace"], meta["name"])
+
+    def seen_job(self, event: str | None, body: dict[str, Any]) -> str | None:
+        """Record a Job; returns the key of the FineTuneJob to reconcile."""
+        return self.cache.put_job(body, event)
+
+    def seen_pod(self, event: str | None, body: dict[str, Any]) -> str | None:
+        return self.cache.put_pod(body, event)
+
+    def resync(self) -> None:
+        """Reconcile every live job from the cache (progress scraping, the stall watchdog).
+
+        Needs no API reads: children and pods change only through events, which the cache has.
+        """
+        live: set[str] = set()
+        for key in self.cache.ftj_keys():
+            body = self.cache.ftj(key)
+            if body is None:
+                continue
+            live.add(key)
+            phase = (body.get("status") or {}).get("phase")
+            if phase in c.Phase.TERMINAL:
+                self.metrics.set_phase(key, phase)
+                continue
+            ns, name = key.split("/", 1)
+            try:
+                self.reconcile(ns, name)
+            except Exception:
+                log.exception("resync of %s failed", key)
+        for key in self.metrics.known() - live:
             ns, name = key.split("/", 1)
             self.forget(ns, name)
 
     # --- the reconcile -------------------------------------------------------------------------
 
-    def _reconcile(self, namespace: str, name: str, key: str) -> None:
-        body = self.kube.get_ftj(namespace, name)
+    def _reconcile(self, namespace: str, name: str, key: str, full: bool) -> None:
+        body = self.cache.ftj(key)
+        if body is None:
+            body = self._fetch(namespace, name, key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.forget(namespace, name)
             return
@@ -121,21 +159,31 @@ class Controller:
             # Finished jobs are history: their Job may be gone (ttlSecondsAfterFinished); never rebuild it.
             self.metrics.set_phase(key, prev.phase)
             return
-        try:
-            spec = parse_spec(body.get("spec"))
-        except ManifestError as exc:
-            new = status.invalid_spec_status(prev, exc.lines, generation)
+        spec = self._spec(key, body)
+        if isinstance(spec, ManifestError):
+            new = status.invalid_spec_status(prev, spec.lines, generation)
             self._write(body, prev, new, key)
             return
 
         owner = builders.Owner.from_body(body)
-        children = builders.build_children(owner, spec, self.options)
-        self.kube.ensure(children.config_map)
-        self.kube.ensure(children.service)
-        job, _created = self.kube.ensure(children.job)
+        job = self.cache.job(key)
+        if full or job is None or not _owned_by(job, owner.uid):
+            if prev is not None and not full:
+                # A job that had children lost its Job, or the cache trails a deletion: ask the
+                # API before re-creating anything (children of a deleted owner would be garbage).
+                body = self._fetch(namespace, name, key)
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    self.forget(namespace, name)
+                    return
+            job = self._ensure_children(owner, spec, created_before=prev is not None)
+            if prev is not None:
+                # Resumed after a restart, or healing: the pod watch may not have caught up yet,
+                # and a status computed without the pods would step back (Running -> Pending).
+                for pod in self.kube.list_pods(namespace, builders.selector_labels(owner)):
+                    self.cache.put_pod(pod)
         job = self._sync_suspend(namespace, job, spec)
 
-        pods = self.kube.list_pods(namespace, builders.selector_labels(owner))
+        pods = self.cache.pods(key, builders.selector_labels(owner))
         running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"
                    and not p["metadata"].get("deletionTimestamp")]
         scraped = self._scrape(running)
@@ -147,7 +195,8 @@ class Controller:
             done = int((body["metadata"].get("annotations") or {}).get(STALL_RESTARTS_ANNOTATION, "0") or 0)
             if done < MAX_STALL_RESTARTS:
                 reason = f"{c.Reason.STALLED}: {stalled}"
-                self.kube.annotate_ftj(namespace, name, {STALL_RESTARTS_ANNOTATION: str(done + 1)})
+                self.cache.put_ftj(
+                    self.kube.annotate_ftj(namespace, name, {STALL_RESTARTS_ANNOTATION: str(done + 1)}))
                 for pod in running:
                     self.kube.restart_pod(namespace, pod["metadata"]["name"], reason)
                 # Evicted pods may vanish before they are seen failed: count the restart here.
@@ -156,12 +205,45 @@ class Controller:
                 self._watch.pop(key, None)
         self._write(body, prev, new, key)
 
+    def _fetch(self, namespace: str, name: str, key: str) -> dict[str, Any] | None:
+        body = self.kube.get_ftj(namespace, name)
+        if body is not None:
+            self.cache.put_ftj(body)
+            body = self.cache.ftj(key)
+        return body
+
+    def _spec(self, key: str, body: dict[str, Any]) -> FineTuneJobSpec | ManifestError:
+        version = (str(body["metadata"].get("uid")), body["metadata"].get("generation"))
+        held = self._specs.get(key)
+        if held is not None and held[0] == version:
+            return held[1]
+        try:
+            spec: FineTuneJobSpec | ManifestError = parse_spec(body.get("spec"))
+        except ManifestError as exc:
+            spec = exc
+        self._specs[key] = (version, spec)
+        return spec
+
+    def _ensure_children(self, owner: builders.Owner, spec: FineTuneJobSpec, created_before: bool) -> dict[str, Any]:
+        """Create (or adopt) the ConfigMap, the Service and the Job; in that order, so that a Job
+        that exists means its ConfigMap and Service were made too."""
+        children = builders.build_children(owner, spec, self.options)
+        # A new job has no children yet: creating first saves a read each.
+        read_first = created_before
+        self.kube.ensure(children.config_map, read_first=read_first)
+        self.kube.ensure(children.service, read_first=read_first)
+        job, _created = self.kube.ensure(children.job, read_first=read_first)
+        self.cache.put_job(job)
+        return job
+
     def _sync_suspend(self, namespace: str, job: dict[str, Any], spec: FineTuneJobSpec) -> dict[str, Any]:
         want = builders.desired_suspend(spec, creating=False)
         have = bool((job.get("spec") or {}).get("suspend"))
         if want is None or want == have:
             return job
-        return self.kube.set_job_suspend(namespace, job["metadata"]["name"], want)
+        job = self.kube.set_job_suspend(namespace, job["metadata"]["name"], want)
+        self.cache.put_job(job)
+        return job
 
     def _scrape(self, running: list[dict[str, Any]]) -> dict[str, float] | None:
         # Rank 0 reports for the whole job.
@@ -214,7 +296,9 @@ class Controller:
             # zero times (the next reconcile still sees the old status and posts it again).
             for m in status.milestones(prev, new):
                 self.kube.event(body, m.type, m.reason, m.message)
-            self.kube.patch_ftj_status(meta["namespace"], meta["name"], new.wire())
+            # The patched object goes into the cache at once: the next reconcile must not start
+            # from the old status (it would post the same milestones again) while the watch trails.
+            self.cache.put_ftj(self.kube.patch_ftj_status(meta["namespace"], meta["name"], new.wire()))
             gained = new.restarts - (prev.restarts if prev else 0)
             if gained > 0:
                 reason = (new.last_restart_reason or c.Reason.FAILED).split(":", 1)[0]

@@ -1,7 +1,8 @@
-"""Kopf handlers: thin and typed; every one delegates to Controller.reconcile.
+"""Kopf handlers: thin and typed; every one delegates to the Controller.
 
 The Controller lives in kopf's memo (set by cli.main). Handlers are synchronous, so kopf runs them
-in its thread pool; the Controller serialises work per FineTuneJob.
+in its thread pool; the Controller serialises work per FineTuneJob. Event handlers first hand the
+raw object to the Controller's watch cache, which is what reconciles read instead of the API.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ def _controller(memo: kopf.Memo) -> Controller:
     return memo["controller"]  # type: ignore[no-any-return]
 
 
-def _reconcile(memo: kopf.Memo, namespace: str | None, name: str | None) -> None:
+def _reconcile(memo: kopf.Memo, namespace: str | None, name: str | None, full: bool = False) -> None:
     if not namespace or not name:
         return
     try:
-        _controller(memo).reconcile(namespace, name)
+        _controller(memo).reconcile(namespace, name, full=full)
     except ChildConflict as exc:
         raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY * 2) from exc
     except ApiException as exc:
@@ -73,11 +74,10 @@ def _resync_loop(memo: kopf.Memo, stop: threading.Event) -> None:
     """Requeue every live job periodically: progress scraping and the stall watchdog need no event."""
     settings: Settings = memo["settings"]
     health: Health = memo["health"]
-    namespaces: list[str | None] = [None] if settings.all_namespaces else list(settings.namespaces)
     while not stop.wait(settings.resync_interval):
         health.tick()
         try:
-            _controller(memo).resync(namespaces)
+            _controller(memo).resync()
         except Exception:
             log.exception("resync failed")
 
@@ -91,21 +91,26 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.resume(c.GROUP, c.VERSION, c.PLURAL, backoff=RETRY_DELAY)
 @kopf.on.update(c.GROUP, c.VERSION, c.PLURAL, backoff=RETRY_DELAY)
 def finetunejob_changed(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(memo, namespace, name)
+    # New, resumed after a restart, or its spec changed: make sure every child is there.
+    _reconcile(memo, namespace, name, full=True)
 
 
+# Event handlers run before the create/resume/update ones for the same event, so the cache holds
+# the object by the time those reconcile.
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
-def finetunejob_event(type: str | None, namespace: str | None, name: str | None, memo: kopf.Memo,
-                      **_: Any) -> None:
-    if type == "DELETED" and namespace and name:
-        _controller(memo).forget(namespace, name)
+def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _controller(memo).seen_ftj(event["type"], dict(event["object"]))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
-def owned_job_event(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(memo, namespace, labels.get(c.LABEL_JOB_NAME))
+def owned_job_event(event: kopf.RawEvent, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    key = _controller(memo).seen_job(event["type"], dict(event["object"]))
+    if key:
+        _reconcile(memo, namespace, key.split("/", 1)[1])
 
 
 @kopf.on.event("v1", "pods", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
-def owned_pod_event(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(memo, namespace, labels.get(c.LABEL_JOB_NAME))
+def owned_pod_event(event: kopf.RawEvent, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    key = _controller(memo).seen_pod(event["type"], dict(event["object"]))
+    if key:
+        _reconcile(memo, namespace, key.split("/", 1)[1])

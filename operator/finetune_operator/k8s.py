@@ -83,14 +83,14 @@ class Kube:
                 c.GROUP, c.VERSION, namespace, c.PLURAL, _preload_content=False)
         return list(_raw(resp).get("items") or [])
 
-    def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        # Merge patch of the status subresource: only the operator writes status.
-        _drain(self.custom.patch_namespaced_custom_object_status(
+    def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Merge patch of the status subresource (only the operator writes status); the new object."""
+        return _raw(self.custom.patch_namespaced_custom_object_status(
             c.GROUP, c.VERSION, namespace, c.PLURAL, name, {"status": status},
             _content_type=MERGE_PATCH, _preload_content=False))
 
-    def annotate_ftj(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
-        _drain(self.custom.patch_namespaced_custom_object(
+    def annotate_ftj(self, namespace: str, name: str, annotations: dict[str, str]) -> dict[str, Any]:
+        return _raw(self.custom.patch_namespaced_custom_object(
             c.GROUP, c.VERSION, namespace, c.PLURAL, name, {"metadata": {"annotations": annotations}},
             _content_type=MERGE_PATCH, _preload_content=False))
 
@@ -116,19 +116,25 @@ class Kube:
             return self.batch.read_namespaced_job(name, namespace, _preload_content=False)
         raise ValueError(f"unsupported kind {kind}")
 
-    def ensure(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Create the child, or adopt the one that is there already. Returns (object, created)."""
+    def ensure(self, obj: dict[str, Any], read_first: bool = True) -> tuple[dict[str, Any], bool]:
+        """Create the child, or adopt the one that is there already. Returns (object, created).
+
+        `read_first` when the child probably exists (a job seen before): one read instead of a
+        refused create and a read. A new job's children do not exist: create first.
+        """
         meta = obj["metadata"]
-        # Read first: after the first reconcile every child exists, and a read is the cheap path.
-        try:
-            existing = _raw(self._read(obj["kind"], meta["namespace"], meta["name"]))
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        existing = None
+        if read_first:
+            try:
+                existing = _raw(self._read(obj["kind"], meta["namespace"], meta["name"]))
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+        if existing is None:
             try:
                 return _raw(self._create(obj)), True
             except ApiException as exc2:
-                if exc2.status != 409:  # created by a twin since we looked: adopt it below
+                if exc2.status != 409:  # there already (or created by a twin since we looked): adopt it
                     raise
             existing = _raw(self._read(obj["kind"], meta["namespace"], meta["name"]))
         want_uid = meta["ownerReferences"][0]["uid"]

@@ -1,4 +1,5 @@
-"""The reconcile loop against an in-memory API: idempotent, patches only on change, never rebuilds history."""
+"""The reconcile loop against an in-memory API: idempotent, patches only on change, never rebuilds
+history, and reads from the watch cache instead of the API once the watches have delivered."""
 
 from __future__ import annotations
 
@@ -22,28 +23,40 @@ class MemoryKube:
         self.status_patches = 0
         self.events: list[str] = []
         self.pods: list[dict[str, Any]] = []
+        self.reads: list[str] = []
+        self._rv = 100
+
+    def _bump(self, obj: dict[str, Any]) -> None:
+        self._rv += 1
+        obj["metadata"]["resourceVersion"] = str(self._rv)
 
     def get_ftj(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads.append("get finetunejob")
         body = self.ftjs.get((namespace, name))
         return copy.deepcopy(body) if body else None
 
-    def list_ftjs(self, namespace: str | None) -> list[dict[str, Any]]:
-        return [copy.deepcopy(b) for (ns, _), b in self.ftjs.items() if namespace in (None, ns)]
-
-    def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self.status_patches += 1
-        self.ftjs[(namespace, name)]["status"] = copy.deepcopy(status)
+        body = self.ftjs[(namespace, name)]
+        body["status"] = copy.deepcopy(status)
+        self._bump(body)
+        return copy.deepcopy(body)
 
-    def annotate_ftj(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
-        self.ftjs[(namespace, name)]["metadata"].setdefault("annotations", {}).update(annotations)
+    def annotate_ftj(self, namespace: str, name: str, annotations: dict[str, str]) -> dict[str, Any]:
+        body = self.ftjs[(namespace, name)]
+        body["metadata"].setdefault("annotations", {}).update(annotations)
+        self._bump(body)
+        return copy.deepcopy(body)
 
-    def ensure(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    def ensure(self, obj: dict[str, Any], read_first: bool = True) -> tuple[dict[str, Any], bool]:
         key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        self.reads.append(f"ensure {obj['kind']} read_first={read_first}")
         if key in self.objects:
             return copy.deepcopy(self.objects[key]), False
         self.creates.append(obj["kind"])
         self.objects[key] = copy.deepcopy(obj)
-        return copy.deepcopy(obj), True
+        self._bump(self.objects[key])
+        return copy.deepcopy(self.objects[key]), True
 
     def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
         job = self.objects[("Job", namespace, name)]
@@ -51,6 +64,7 @@ class MemoryKube:
         return copy.deepcopy(job)
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
+        self.reads.append("list pods")
         return copy.deepcopy(self.pods)
 
     def restart_pod(self, namespace: str, name: str, reason: str) -> None:
@@ -83,9 +97,12 @@ def test_reconcile_twice_creates_each_child_once_and_patches_status_once() -> No
 
 def test_suspend_is_applied_to_the_existing_job() -> None:
     ctl, kube = controller(body())
-    ctl.reconcile("ns", "tune")
+    ctl.reconcile("ns", "tune", full=True)
     kube.ftjs[("ns", "tune")]["spec"]["suspend"] = True
-    ctl.reconcile("ns", "tune")
+    kube.ftjs[("ns", "tune")]["metadata"]["generation"] = 2
+    kube._bump(kube.ftjs[("ns", "tune")])
+    ctl.seen_ftj("MODIFIED", kube.get_ftj("ns", "tune"))  # what the watch delivers
+    ctl.reconcile("ns", "tune", full=True)
     assert kube.objects[("Job", "ns", "tune")]["spec"]["suspend"] is True
     assert kube.ftjs[("ns", "tune")]["status"]["phase"] == c.Phase.SUSPENDED
 
@@ -113,8 +130,87 @@ def test_finished_job_is_never_rebuilt() -> None:
 
 def test_gauge_counts_phases_and_forgets_deleted_jobs() -> None:
     ctl, kube = controller(body())
-    ctl.resync([None])
+    ctl.seen_ftj(None, kube.get_ftj("ns", "tune"))  # the watch's initial listing
+    ctl.resync()
     assert ctl.metrics.jobs.labels(phase=c.Phase.PENDING)._value.get() == 1
-    kube.ftjs.clear()
-    ctl.resync([None])
+    ctl.seen_ftj("DELETED", kube.get_ftj("ns", "tune"))
+    ctl.resync()
     assert ctl.metrics.jobs.labels(phase=c.Phase.PENDING)._value.get() == 0
+
+
+def running_pod(uid: str = "pod-uid", rv: str = "500", phase: str = "Running") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "tune-0-abc", "namespace": "ns", "uid": uid, "resourceVersion": rv,
+                     "labels": {c.LABEL_JOB_NAME: "tune", c.LABEL_MANAGED_BY: c.MANAGED_BY,
+                                c.LABEL_COMPONENT: "trainer"},
+                     "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+                     "creationTimestamp": "2026-11-29T10:00:00Z"},
+        "spec": {"containers": [{"name": "trainer", "image": "img", "env": [{"name": "X", "value": "y" * 500}]}]},
+        "status": {"phase": phase, "podIP": "10.0.0.1", "startTime": "2026-11-29T10:00:01Z"},
+    }
+
+
+def test_steady_state_reads_nothing_from_the_api() -> None:
+    """Once the watches delivered the job, its Job and its pod, reconciles and resyncs make no API reads."""
+    ctl, kube = controller(body())
+    ctl.seen_ftj(None, kube.get_ftj("ns", "tune"))
+    kube.reads.clear()
+    ctl.reconcile("ns", "tune", full=True)  # the create handler: new job, so create without reading
+    assert kube.reads == [f"ensure {k} read_first=False" for k in ("ConfigMap", "Service", "Job")]
+    job = copy.deepcopy(kube.objects[("Job", "ns", "tune")])
+    job["status"] = {"active": 1, "startTime": "2026-11-29T10:00:01Z"}
+    assert ctl.seen_job("MODIFIED", job) == "ns/tune"
+    assert ctl.seen_pod("ADDED", running_pod()) == "ns/tune"
+    kube.reads.clear()
+    for _ in range(3):
+        ctl.reconcile("ns", "tune")
+        ctl.resync()
+    assert kube.reads == []
+    assert kube.ftjs[("ns", "tune")]["status"]["phase"] == c.Phase.RUNNING
+    assert kube.events == [c.Reason.CREATED, c.Reason.RUNNING]  # each milestone told once
+
+
+def test_a_lost_job_is_recreated_only_after_the_api_confirms_the_owner_exists() -> None:
+    ctl, kube = controller(body())
+    ctl.reconcile("ns", "tune", full=True)
+    job = kube.objects[("Job", "ns", "tune")]
+    # Someone deleted the Job while the job was pending; the watch says so.
+    ctl.seen_job("DELETED", copy.deepcopy(job))
+    del kube.objects[("Job", "ns", "tune")]
+    kube.reads.clear()
+    ctl.reconcile("ns", "tune")
+    assert kube.reads[0] == "get finetunejob"
+    assert kube.creates.count("Job") == 2
+    # The FineTuneJob itself is gone, but its DELETED event trails the Job's: nothing is re-created.
+    ctl.seen_job("DELETED", copy.deepcopy(kube.objects[("Job", "ns", "tune")]))
+    del kube.ftjs[("ns", "tune")]
+    ctl.reconcile("ns", "tune")
+    assert kube.creates.count("Job") == 2
+    assert ctl.cache.ftj("ns/tune") is None
+
+
+def test_a_late_event_does_not_roll_the_cached_status_back() -> None:
+    ctl, kube = controller(body())
+    stale = kube.get_ftj("ns", "tune")
+    stale["metadata"]["resourceVersion"] = "1"
+    ctl.reconcile("ns", "tune", full=True)  # patches status -> the cache holds the patched object
+    ctl.seen_ftj("MODIFIED", stale)  # an older event arrives after our patch
+    assert ctl.cache.ftj("ns/tune")["status"]["phase"] == c.Phase.PENDING
+    ctl.reconcile("ns", "tune")
+    assert kube.events == [c.Reason.CREATED] and kube.status_patches == 1
+
+
+def test_cache_keeps_only_what_the_controller_reads() -> None:
+    from finetune_operator.cache import trim_ftj, trim_pod
+
+    pod = trim_pod(running_pod())
+    assert "spec" not in pod and pod["status"]["phase"] == "Running"
+    assert pod["metadata"]["annotations"] == {"batch.kubernetes.io/job-completion-index": "0"}
+    b = body()
+    b["metadata"]["annotations"] = {f"{c.GROUP}/last-handled-configuration": "{...}", f"{c.GROUP}/keep": "1"}
+    assert trim_ftj(b)["metadata"]["annotations"] == {f"{c.GROUP}/keep": "1"}
+    ctl, _ = controller(body())
+    ctl.seen_pod("ADDED", running_pod())
+    ctl.seen_pod("DELETED", running_pod())
+    assert ctl.cache.sizes() == {"finetunejobs": 0, "jobs": 0, "pods": 0}
