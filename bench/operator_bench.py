@@ -351,7 +351,9 @@ def _measure(cluster: Any, api: Any, core: Any, custom: Any, ns: str, op: Operat
              "probes_timed_out": probes_timed_out, "operator_rss_mib_live": _rss_mib(op.proc.pid)}
     # Kept even if the finish below fails (a 1,000-job delete can time out on a loaded API server).
     (op.log.parent / f"operator-{n}-live.json").write_text(json.dumps(early, indent=1))
-    # Finish: the pods succeed, every job ends, then the jobs are deleted.
+    # Finish: the pods succeed, every job ends, then the jobs are deleted. A probe's pod may not
+    # exist yet when its Job is seen: wait until every job runs, so that every pod gets released.
+    _wait(lambda: all(watcher.phase.get(x) == c.Phase.RUNNING for x in names), timeout, "the probes to run")
     pods = core.list_namespaced_pod(ns).items
     for pod in pods:
         core.patch_namespaced_pod(pod.metadata.name, ns, {"metadata": {"annotations": {f"{TEST_PREFIX}hold": "false"}}})

@@ -5,8 +5,9 @@ resync) ends in `Controller.reconcile(namespace, name)`, which is idempotent: it
 after the operator died half-way, and converges on the same children and the same status.
 
 Reads come from the watch cache (`cache.WatchCache`, fed by Kopf's event handlers), not from the
-API server. The API is read only where the cache cannot be trusted: a FineTuneJob not seen yet,
-and, before children are re-created for a job that had them, whether the job still exists.
+API server. The API is read only where the cache cannot be trusted: a created or resumed
+FineTuneJob not cached yet, and, before children are re-created for a job that had them, whether
+the job still exists.
 """
 
 from __future__ import annotations
@@ -148,8 +149,11 @@ class Controller:
 
     def _reconcile(self, namespace: str, name: str, key: str, full: bool) -> None:
         body = self.cache.ftj(key)
-        if body is None:
+        if body is None and full:
             body = self._fetch(namespace, name, key)
+        # Not full and not cached: an event of a child whose FineTuneJob is gone (a deletion storm
+        # would otherwise cost a GET per child event), or one the FineTuneJob watch has not shown
+        # yet, whose own create/resume handler reconciles it in full.
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.forget(namespace, name)
             return
@@ -292,6 +296,9 @@ class Controller:
     ) -> None:
         meta = body["metadata"]
         if status.changed(prev, new):
+            before, after = (prev.wire() if prev is not None else {}), new.wire()
+            log.info("status of %s: %s (changed: %s)", key, new.phase,
+                     ", ".join(sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))))
             # Events before the status: an operator killed in between tells a milestone twice, never
             # zero times (the next reconcile still sees the old status and posts it again).
             for m in status.milestones(prev, new):

@@ -349,7 +349,13 @@ def compute_status(
     else:
         if is_true(status, ConditionType.SUSPENDED):
             set_condition(status.conditions, ConditionType.SUSPENDED, False, Reason.RESUMED, "resumed", now, gen)
-        if running_pods:
+        # Every pod exited 0 but the Job controller has not marked the Job Complete yet (the two
+        # arrive on separate watches): still Running, not back to Pending for a moment.
+        finishing = (not running_pods and status.phase == Phase.RUNNING
+                     and any(_phase(p) == "Succeeded" for p in pods))
+        if finishing:
+            pass
+        elif running_pods:
             status.phase = Phase.RUNNING  # type: ignore[assignment]
             msg = f"{len(running_pods)}/{spec.resources.nodes} trainer pods running"
             set_condition(status.conditions, ConditionType.RUNNING, True, Reason.RUNNING, msg, now, gen)

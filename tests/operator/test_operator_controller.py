@@ -87,8 +87,8 @@ def body(**spec: Any) -> dict[str, Any]:
 
 def test_reconcile_twice_creates_each_child_once_and_patches_status_once() -> None:
     ctl, kube = controller(body())
-    ctl.reconcile("ns", "tune")
-    ctl.reconcile("ns", "tune")
+    ctl.reconcile("ns", "tune", full=True)  # the create handler
+    ctl.reconcile("ns", "tune", full=True)  # e.g. resumed after an operator restart
     assert sorted(kube.creates) == ["ConfigMap", "Job", "Service"]
     assert kube.status_patches == 1  # the second pass saw nothing new
     assert kube.ftjs[("ns", "tune")]["status"]["phase"] == c.Phase.PENDING
@@ -109,7 +109,7 @@ def test_suspend_is_applied_to_the_existing_job() -> None:
 
 def test_invalid_spec_fails_without_children() -> None:
     ctl, kube = controller(body(method={"type": "qlora"}))
-    ctl.reconcile("ns", "tune")
+    ctl.reconcile("ns", "tune", full=True)
     status = kube.ftjs[("ns", "tune")]["status"]
     assert status["phase"] == c.Phase.FAILED
     [failed] = [x for x in status["conditions"] if x["type"] == c.ConditionType.FAILED]
@@ -124,7 +124,7 @@ def test_finished_job_is_never_rebuilt() -> None:
     b = body()
     b["status"] = {"phase": c.Phase.SUCCEEDED}
     ctl, kube = controller(b)
-    ctl.reconcile("ns", "tune")  # its Job was cleaned up by ttlSecondsAfterFinished
+    ctl.reconcile("ns", "tune", full=True)  # its Job was cleaned up by ttlSecondsAfterFinished
     assert kube.creates == [] and kube.status_patches == 0
 
 
@@ -188,6 +188,11 @@ def test_a_lost_job_is_recreated_only_after_the_api_confirms_the_owner_exists() 
     ctl.reconcile("ns", "tune")
     assert kube.creates.count("Job") == 2
     assert ctl.cache.ftj("ns/tune") is None
+    # Further child events of the deleted job cost no API call at all.
+    kube.reads.clear()
+    ctl.seen_pod("DELETED", running_pod())
+    ctl.reconcile("ns", "tune")
+    assert kube.reads == []
 
 
 def test_a_late_event_does_not_roll_the_cached_status_back() -> None:

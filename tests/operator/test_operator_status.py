@@ -105,6 +105,17 @@ def test_success_copies_the_artifact_from_the_termination_message() -> None:
     assert st.completion_time is not None
 
 
+def test_pods_done_before_the_job_is_complete_stays_running() -> None:
+    """The pod's Succeeded and the Job's Complete come on two watches: no Running -> Pending flap."""
+    running = compute_status("tune", SPEC, None, Observed(1, job(), (pod("p0", "Running"),), metrics(5), now=T0))
+    done_pod = pod("p0", "Succeeded", code=0)
+    between = compute_status("tune", SPEC, running, Observed(1, job(), (done_pod,), None, now=T0))
+    assert between.phase == c.Phase.RUNNING and not status_changed(running, between)
+    assert milestones(running, between) == []
+    complete = compute_status("tune", SPEC, between, Observed(1, job(("Complete", "")), (done_pod,), None, now=T0))
+    assert complete.phase == c.Phase.SUCCEEDED
+
+
 def test_permanent_error_fails_with_the_trainers_reason_and_no_restart() -> None:
     msg = {"outcome": "failed", "reason": "InvalidData", "message": "row 3: missing column prompt"}
     st = compute_status("tune", SPEC, None, Observed(
