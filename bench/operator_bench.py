@@ -15,6 +15,10 @@ process:
 
 Each job's metrics URL points at one fake trainer endpoint on 127.0.0.1 (the operator's scraper
 never goes off loopback), which reports a constant step, as a trainer between steps would.
+
+Profiles (not for the recorded figures: profilers slow the operator down): BENCH_OPERATOR_PROFILE=cpu
+runs the operator under py-spy (collapsed stacks, operator-N.pyspy.txt), =memory under memray
+(operator-N.memray.bin; `python -m memray stats` / `summary` on it), both in the work folder.
 """
 
 from __future__ import annotations
@@ -264,6 +268,15 @@ class Operator:
                 "--health-port", str(self.health_port), "--bind-address", "127.0.0.1",
                 "--propagate-prefix", TEST_PREFIX, "--scrape-url-annotation", METRICS_URL_ANNOTATION]
         env = {**os.environ, **cluster.env, "PYTHONUNBUFFERED": "1"}
+        profile = os.environ.get("BENCH_OPERATOR_PROFILE", "")
+        stem = log.with_suffix("")
+        if profile == "cpu":
+            argv = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--rate", "50", "--nonblocking",
+                    "-o", f"{stem}.pyspy.txt", "--", *argv]
+        elif profile == "memory":
+            argv = [sys.executable, "-m", "memray", "run", "--force", "-o", f"{stem}.memray.bin", *argv[1:]]
+        elif profile:
+            raise ValueError(f"BENCH_OPERATOR_PROFILE={profile!r}: choose cpu or memory")
         self.log = log
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -77,7 +77,8 @@ def _resync_loop(memo: kopf.Memo, stop: threading.Event) -> None:
     while not stop.wait(settings.resync_interval):
         health.tick()
         try:
-            _controller(memo).resync()
+            # Half the interval: a pass that runs long still ends before the next one is due.
+            _controller(memo).resync(spread_over=settings.resync_interval / 2)
         except Exception:
             log.exception("resync failed")
 

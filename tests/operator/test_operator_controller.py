@@ -219,3 +219,26 @@ def test_cache_keeps_only_what_the_controller_reads() -> None:
     ctl.seen_pod("ADDED", running_pod())
     ctl.seen_pod("DELETED", running_pod())
     assert ctl.cache.sizes() == {"finetunejobs": 0, "jobs": 0, "pods": 0}
+
+
+def test_a_job_created_during_a_resync_pass_is_not_forgotten() -> None:
+    """Regression (bench at 1,000 jobs): the pass's clean-up dropped jobs created while it ran,
+    and their later Job events were ignored: 15 jobs stayed Running after their Jobs completed."""
+    ctl, kube = controller(body())
+    ctl.seen_ftj(None, kube.get_ftj("ns", "tune"))
+    ctl.reconcile("ns", "tune", full=True)
+    other = body()
+    other["metadata"].update(name="late", uid="uid-2")
+    kube.ftjs[("ns", "late")] = other
+    original = ctl.reconcile
+
+    def reconcile_and_meanwhile_create(namespace: str, name: str, **kw: Any) -> None:
+        original(namespace, name, **kw)
+        if name == "tune":  # the create handler of a new job runs while the pass goes on
+            ctl.seen_ftj("ADDED", kube.get_ftj("ns", "late"))
+            original("ns", "late", full=True)
+
+    ctl.reconcile = reconcile_and_meanwhile_create  # type: ignore[method-assign]
+    ctl.resync()
+    assert ctl.cache.ftj("ns/late") is not None
+    assert ctl.metrics.jobs.labels(phase=c.Phase.PENDING)._value.get() == 2
