@@ -159,25 +159,53 @@ def test_two_processes_match_one(name: str, method: dict[str, Any], strategy: di
         assert two["local_numel"] * 2 <= two["total_numel"] + 2 * two["params"]
     else:
         assert two["sharded_params"] == 0
+        # What the recipe saved is what was trained (the worker does not save under FSDP2).
+        assert two["saved"]["tensors"] == two["saved"]["matched_trained"] > 0
+        assert two["saved"]["max_abs_diff_trained"] < 1e-6
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="At the pinned versions (deepspeed 0.19.8, accelerate 1.15.0) a torchrun launch on CPU with "
-    "DeepSpeed leaves accelerate's AcceleratorState with no backend (num_processes=1 while the world is 2), "
-    "so TRL's gather_for_metrics in SFTTrainer.compute_loss fails in gloo all_gather ('expected length 2, "
-    "got 1'). ZeRO-2/3 are covered on GPU by bench/gpu_check.sh. strict: this fails loudly once it works.",
-)
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_on_cpu(stage: int, make_spec: Any, baselines: dict[str, list[float]], tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage, method", [
+    pytest.param(2, FULL, id="2"),
+    pytest.param(3, FULL, id="3"),
+    pytest.param(3, LORA, id="3-lora"),
+])
+def test_deepspeed_zero_on_cpu(stage: int, method: dict[str, Any], make_spec: Any, baselines: dict[str, list[float]],
+                               tmp_path: Path) -> None:
     # DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) works at 0.19.8; its first use compiles
-    # C++ ops with g++ (cached in ~/.cache/torch_extensions).
+    # C++ ops with g++ (cached in ~/.cache/torch_extensions). Without
+    # distributed.enable_cpu_deepspeed accelerate's state has no backend here: every rank counts
+    # itself as process 0 of 1 and TRL's first gather fails.
     strategy = {"strategy": "deepspeed", "deepspeed": {"zeroStage": stage}}
-    two = run_worker(tmp_path, f"zero{stage}", job(make_spec, tmp_path / "out", FULL, 4, strategy), 2)
+    spec = job(make_spec, tmp_path / "out", method, 4, strategy)
+    if method is LORA:
+        spec["output"]["save"] = ["adapter", "merged"]
+    two = run_worker(tmp_path, f"zero{stage}-{method['type']}", spec, 2)
     assert two["deepspeed_enabled"]
-    assert_same_trajectory(two, baselines["full"])
+    assert two["accelerate_processes"] == 2
+    assert_same_trajectory(two, baselines["lora" if method is LORA else "full"])
+    ranks = two["zero3_ranks"]
+    assert len(ranks) == 2
+    if stage == 3:
+        # Really partitioned: on each rank DeepSpeed manages every parameter and holds half of it.
+        for held in ranks:
+            assert held["params"] == two["params"] > 0
+            assert held["partition_numel"] * 2 <= held["full_numel"] + 2 * held["params"]
+            assert held["partition_numel"] < held["full_numel"]
+    else:
+        assert all(held["params"] == 0 for held in ranks)
+    # The artifact holds the trained weights, gathered (save_pretrained of ZeRO-3 slices: empty tensors).
+    saved = two["saved"]
+    assert saved["tensors"] > 0 and saved["empty"] == 0
+    assert saved["matched_trained"] == saved["tensors"]
+    assert saved["max_abs_diff_trained"] < 1e-6
+    assert "training_args.bin" not in saved["files"]
+    if method is FULL:
+        assert saved["numel"] == (ranks[0]["full_numel"] if stage == 3 else two["total_numel"])
+    else:
+        merged = saved["merged"]  # base + adapter, built by rank 0 alone (no ZeRO-3 init there)
+        assert merged["tensors"] == merged["base_tensors"] > 0 and merged["same_shapes"] and merged["empty"] == 0
+        assert len(merged["changed"]) * 2 == saved["tensors"]  # one base weight per LoRA (A, B) pair
 
 
 # --- two simulated nodes from the operator's Job builder (slow) ---------------------------

@@ -1,7 +1,9 @@
 """Run under torchrun (or alone) by the distributed tests: one SFT training through the real recipe.
 
 Writes, from rank 0, a JSON report the test checks: the world size the process group really had,
-the loss of every logged step, and how many parameters were DTensor shards (FSDP2) while training.
+the loss of every logged step, how many parameters were DTensor shards (FSDP2) while training,
+what each rank held of the ZeRO-3 partitioned parameters, and what the recipe's save wrote (every
+rank calls it, as in a real run: gathering ZeRO-3 weights is collective).
 
     python worker.py SPEC_JSON REPORT_JSON
 """
@@ -23,6 +25,8 @@ class Recorder(TrainerCallback):
         self.sharded: tuple[int, int] = (0, 0)
         self.local_numel = 0
         self.total_numel = 0
+        # DeepSpeed ZeRO-3 on this rank: parameters it manages, their full size, the part held here.
+        self.zero3 = {"params": 0, "full_numel": 0, "partition_numel": 0}
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.global_step == 1 and model is not None:
@@ -33,10 +37,78 @@ class Recorder(TrainerCallback):
             for p in model.parameters():
                 self.total_numel += p.numel()
                 self.local_numel += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+                if hasattr(p, "ds_numel") and hasattr(p, "ds_status"):
+                    self.zero3["params"] += 1
+                    self.zero3["full_numel"] += int(p.ds_numel)
+                    self.zero3["partition_numel"] += int(p.ds_tensor.numel())
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
+
+
+def trained_weights(model: Any) -> dict[str, Any]:
+    """Full copies of the trained parameters on every rank (ZeRO-3, FSDP2: gathered, collectively)."""
+    import contextlib
+
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    gather: Any = contextlib.nullcontext()
+    if any(hasattr(p, "ds_numel") for p in params):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gather:
+        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_tensors(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, Any] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def merged_report(merged: Path, base: Path) -> dict[str, Any] | None:
+    """merged/ against the base model: complete, nothing empty, and which tensors the merge changed."""
+    if not merged.is_dir():
+        return None
+    tensors, base_tensors = load_tensors(merged), load_tensors(base)
+    return {
+        "tensors": len(tensors),
+        "base_tensors": len(base_tensors),
+        "empty": sum(int(t.numel() == 0) for t in tensors.values()),
+        "same_shapes": all(n in tensors and tensors[n].shape == t.shape for n, t in base_tensors.items()),
+        "changed": sorted(n for n, t in tensors.items()
+                          if n in base_tensors and t.shape == base_tensors[n].shape and not t.equal(base_tensors[n])),
+    }
+
+
+def saved_report(stage: Path, trained: dict[str, Any], base: Path) -> dict[str, Any]:
+    """What the artifact holds: tensors, their total size, empty ones, and how far from the trained weights."""
+    tensors = load_tensors(stage)
+    # Saved names drop PEFT's adapter name ("default") and may drop a "base_model.model." prefix.
+    by_suffix = {name.replace(".default", ""): value for name, value in trained.items()}
+    diffs, matched = [], 0
+    for name, value in tensors.items():
+        ref = by_suffix.get(name) if name in by_suffix else next(
+            (v for n, v in by_suffix.items() if n.endswith("." + name) or name.endswith("." + n)), None)
+        if ref is not None and ref.shape == value.shape:
+            matched += 1
+            diffs.append(float((ref.float() - value.float()).abs().max()))
+    return {
+        "files": sorted(p.name for p in stage.iterdir()),
+        "tensors": len(tensors),
+        "numel": sum(int(t.numel()) for t in tensors.values()),
+        "empty": sum(int(t.numel() == 0) for t in tensors.values()),
+        "matched_trained": matched,
+        "max_abs_diff_trained": max(diffs) if diffs else None,
+        "merged": merged_report(stage / "merged", base),
+    }
 
 
 def main(spec_path: str, report_path: str) -> int:
@@ -52,11 +124,23 @@ def main(spec_path: str, report_path: str) -> int:
         s = sft.setup(ctx)
         trainer = sft.build_trainer(ctx, s)
         trainer.train()
+        trained = trained_weights(trainer.model)
+        # Not under FSDP2: there the recipe's save (model.save_pretrained of the DTensor shards)
+        # fails on CPU at the pinned versions ("invalid python storage" in safetensors).
+        saves = spec.distributed.strategy != "fsdp"
+        if saves:
+            sft.save(ctx, s, trainer)
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
+        ranks = [recorder.zero3]
+        if world > 1:
+            ranks = [None] * world  # type: ignore[list-item]
+            dist.all_gather_object(ranks, recorder.zero3)
         if rank == 0:
             Path(report_path).write_text(json.dumps({
                 "world_size": world,
+                # What accelerate's state believes (1 on CPU DeepSpeed without distributed.enable_cpu_deepspeed).
+                "accelerate_processes": int(trainer.accelerator.num_processes),
                 "losses": recorder.losses,
                 "sharded_params": recorder.sharded[0],
                 "params": recorder.sharded[1],
@@ -64,6 +148,8 @@ def main(spec_path: str, report_path: str) -> int:
                 "total_numel": recorder.total_numel,
                 "fsdp_enabled": bool(getattr(trainer, "is_fsdp_enabled", False)),
                 "deepspeed_enabled": bool(getattr(trainer, "is_deepspeed_enabled", False)),
+                "zero3_ranks": ranks,
+                "saved": saved_report(ctx.stage, trained, Path(spec.model.uri)) if saves else None,
             }))
     return 0
 

@@ -8,7 +8,8 @@ Pinned-version facts this module relies on (accelerate 1.15, transformers 5.24, 
   trains as plain DDP (MULTI_CPU). `enable_cpu_fsdp()` turns the CPU case into real FSDP2, so a
   CPU test can prove sharding; on GPUs it does nothing.
 - accelerate ignores DeepSpeed when `cpu=True`; on a CPU machine DeepSpeed runs with its own CPU
-  accelerator (DS_ACCELERATOR=cpu, set by the launcher), so `use_cpu` must be False there.
+  accelerator (DS_ACCELERATOR=cpu, set by the launcher), so `use_cpu` must be False there, and
+  `enable_cpu_deepspeed()` hands accelerate the gloo backend it does not find by itself.
 """
 
 from __future__ import annotations
@@ -128,8 +129,44 @@ def training_args_kwargs(spec: FineTuneJobSpec) -> dict[str, Any]:
         kwargs["deepspeed"] = deepspeed_config(spec)
         if not on_gpu(spec):
             kwargs["use_cpu"] = False  # accelerate drops DeepSpeed under cpu=True
-            kwargs.pop("ddp_backend", None)  # DeepSpeed's CPU accelerator picks its own (gloo)
+            # transformers ignores ddp_backend under DeepSpeed; enable_cpu_deepspeed passes gloo.
+            kwargs.pop("ddp_backend", None)
+            enable_cpu_deepspeed(spec)
     return kwargs
+
+
+def enable_cpu_deepspeed(spec: FineTuneJobSpec) -> bool:
+    """Give accelerate the gloo backend for DeepSpeed on CPU processes; no-op on GPUs.
+
+    accelerate 1.15 picks a backend from the device type only (PartialState._prepare_backend,
+    accelerate/state.py:769-813: nccl when CUDA is there, gloo only with cpu=True), and
+    transformers 5.24 passes none in its DeepSpeed branch (TrainingArguments._setup_devices,
+    training_args.py:1886). DeepSpeed's init_distributed still creates the gloo group of the whole
+    world, but PartialState then reads `backend is None` as "not distributed" (state.py:288):
+    num_processes=1 and process_index=0 on every rank, so no rank gets its own share of the data
+    and the first gather (TRL's compute_loss) fails. This wraps PartialState.__init__ once to pass
+    the backend when DeepSpeed is asked for (ACCELERATE_USE_DEEPSPEED) without one.
+    """
+    if spec.distributed.strategy != "deepspeed" or on_gpu(spec) or world_size() < 2:
+        return False
+    from accelerate.state import PartialState
+
+    cls = PartialState
+    if getattr(cls.__init__, "_finetune_cpu_deepspeed", False):
+        return True
+    original = cls.__init__
+    name = backend(spec)
+
+    def init(self: Any, cpu: bool = False, **kwargs: Any) -> None:
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"  # set by transformers
+        if deepspeed and not cpu and kwargs.get("backend") is None:
+            kwargs["backend"] = name
+        original(self, cpu, **kwargs)
+
+    init._finetune_cpu_deepspeed = True  # type: ignore[attr-defined]
+    cls.__init__ = init  # type: ignore[method-assign]
+    log.info("DeepSpeed on CPU processes: accelerate's state gets the %s backend", name)
+    return True
 
 
 def enable_cpu_fsdp(spec: FineTuneJobSpec) -> bool:

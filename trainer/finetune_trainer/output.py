@@ -14,9 +14,11 @@ manifest, so a prefix with a manifest is complete.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +41,35 @@ def versions() -> dict[str, str]:
     return out
 
 
-def save_model(model: Any, tokenizer: Any, stage: Path, spec: FineTuneJobSpec) -> None:
-    """The trained weights (adapter or full model) and the tokenizer, into `stage`."""
+def save_model(model: Any, tokenizer: Any, stage: Path, spec: FineTuneJobSpec, trainer: Any = None) -> bool:
+    """The trained weights (adapter or full model) and the tokenizer, into `stage`.
+
+    False where this rank wrote no weights although they were due (ZeRO-3, not the main process).
+    """
     stage.mkdir(parents=True, exist_ok=True)
     save = spec.output.save or []
+    wrote = True
     if spec.method.type == "full" or "adapter" in save:
-        model.save_pretrained(stage, safe_serialization=True)
+        wrote = save_weights(model, stage, trainer)
     tokenizer.save_pretrained(stage)
+    return wrote
+
+
+def save_weights(model: Any, directory: Path, trainer: Any = None) -> bool:
+    """`model.save_pretrained(directory)`; False where this rank wrote nothing (see below).
+
+    Under DeepSpeed ZeRO-3 every rank holds only a slice of each parameter, and save_pretrained
+    would write empty tensors (deepspeed 0.19, transformers 5.24). The Trainer's save_model
+    gathers them instead (stage3_gather_16bit_weights_on_model_save, set by distributed.py): a
+    collective, so every rank must come here, and only the main process writes.
+    """
+    if trainer is None or not any(hasattr(p, "ds_numel") for p in model.parameters()):
+        model.save_pretrained(directory, safe_serialization=True)
+        return True
+    trainer.save_model(str(directory))
+    # The Trainer also pickles its TrainingArguments there: not part of an artifact.
+    (directory / "training_args.bin").unlink(missing_ok=True)
+    return bool(trainer.args.should_save)
 
 
 def save_merged(adapter_dir: Path, base_loader: Any, stage: Path, tokenizer: Any) -> Path:
@@ -56,12 +80,31 @@ def save_merged(adapter_dir: Path, base_loader: Any, stage: Path, tokenizer: Any
     """
     from peft import PeftModel
 
-    base = base_loader()
+    with _without_zero3_init():
+        base = base_loader()
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     out = stage / MERGED_DIR
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@contextlib.contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """Build models in full, in this process alone, also while a DeepSpeed ZeRO-3 run is configured.
+
+    transformers 5.24 builds every model under deepspeed.zero.Init while its global ZeRO-3 config
+    is set (integrations/deepspeed.py, is_deepspeed_zero3_enabled): that partitions the weights
+    with a collective the other ranks never join, and the merge (main process only) would hang.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None  # what unset_hf_deepspeed_config() does
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def wants_merged(spec: FineTuneJobSpec) -> bool:

@@ -118,7 +118,7 @@ def reward_eval(trainer: Any) -> dict[str, float]:
 
 def save(ctx: RecipeContext, s: Setup, trainer: Any) -> None:
     model = trainer.model
-    output.save_model(model, s.tokenizer, ctx.stage, s.spec)
+    output.save_model(model, s.tokenizer, ctx.stage, s.spec, trainer)  # trainer: ZeRO-3 gathers weights
     if s.peft_config is not None and "merged" in (s.spec.output.save or []):
         merged = model.merge_and_unload()  # the in-memory adapter is no longer needed
         merged.save_pretrained(ctx.stage / MERGED_DIR, safe_serialization=True)

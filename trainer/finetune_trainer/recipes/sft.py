@@ -75,12 +75,15 @@ def build_trainer(ctx: RecipeContext, s: Setup) -> Any:
 def save(ctx: RecipeContext, s: Setup, trainer: Any) -> None:
     spec = s.spec
     model = trainer.model
-    output.save_model(model, s.loaded.tokenizer, ctx.stage, spec)
+    # Every rank comes here: under ZeRO-3 saving gathers the weights (output.save_weights).
+    wrote = output.save_model(model, s.loaded.tokenizer, ctx.stage, spec, trainer)
     if output.wants_merged(spec):
         adapter_dir = ctx.stage
         if "adapter" not in (spec.output.save or []):
             adapter_dir = ctx.workdir / "adapter"
-            model.save_pretrained(adapter_dir, safe_serialization=True)
+            wrote = output.save_weights(model, adapter_dir, trainer)
+        if not wrote:
+            return  # ZeRO-3: only the main process holds the gathered adapter (and publishes)
 
         def load_base() -> Any:
             # Merge into full-precision weights, also for QLoRA (quantized weights cannot hold the sum).
