@@ -117,11 +117,18 @@ class Controller:
 
     # --- what the watches deliver -------------------------------------------------------------
 
-    def seen_ftj(self, event: str | None, body: dict[str, Any]) -> None:
-        self.cache.put_ftj(body, event)
+    def seen_ftj(self, event: str | None, body: dict[str, Any]) -> bool:
+        """Record a FineTuneJob; True when it needs a full reconcile: first seen (created, or
+        listed at start-up), or a new generation (its spec changed)."""
+        meta = body["metadata"]
         if event == "DELETED":
-            meta = body["metadata"]
             self.forget(meta["namespace"], meta["name"])
+            return False
+        held = self.cache.ftj(key_of(meta["namespace"], meta["name"]))
+        self.cache.put_ftj(body, event)
+        if meta.get("deletionTimestamp"):
+            return False  # the garbage collector removes the children
+        return held is None or any(held["metadata"].get(k) != meta.get(k) for k in ("uid", "generation"))
 
     def seen_job(self, event: str | None, body: dict[str, Any]) -> str | None:
         """Record a Job; returns the key of the FineTuneJob to reconcile."""

@@ -1,8 +1,9 @@
 """Kopf handlers: thin and typed; every one delegates to the Controller.
 
 The Controller lives in kopf's memo (set by cli.main). Handlers are synchronous, so kopf runs them
-in its thread pool; the Controller serialises work per FineTuneJob. Event handlers first hand the
-raw object to the Controller's watch cache, which is what reconciles read instead of the API.
+in its thread pool; the Controller serialises work per FineTuneJob. All of them are event
+handlers: each hands the raw object to the Controller's watch cache, which is what reconciles
+read instead of the API, then reconciles the FineTuneJob it belongs to.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from .metrics import Health
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-RETRY_DELAY = 2.0
 
 
 def _controller(memo: kopf.Memo) -> Controller:
@@ -29,24 +29,29 @@ def _controller(memo: kopf.Memo) -> Controller:
 
 
 def _reconcile(memo: kopf.Memo, namespace: str | None, name: str | None, full: bool = False) -> None:
+    """Reconcile; a failure is logged and retried by the next resync (event handlers are not retried)."""
     if not namespace or not name:
         return
     try:
         _controller(memo).reconcile(namespace, name, full=full)
     except ChildConflict as exc:
-        raise kopf.TemporaryError(str(exc), delay=RETRY_DELAY * 2) from exc
+        log.warning("%s/%s: %s", namespace, name, exc)
     except ApiException as exc:
-        raise kopf.TemporaryError(f"API error {api_error_text(exc)}", delay=RETRY_DELAY) from exc
+        log.warning("reconcile of %s/%s failed, retried at the next resync: API error %s",
+                    namespace, name, api_error_text(exc))
+    except Exception:
+        log.exception("reconcile of %s/%s failed, retried at the next resync", namespace, name)
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # Kopf's bookkeeping goes into annotations under our group; status belongs to the API model.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=c.GROUP, key="last-handled-configuration")
-    # Our own Events tell the story; kopf's would only add "Handler succeeded" noise.
+    # Only event handlers are registered (no create/update/resume ones): Kopf keeps no state of
+    # its own on our objects, so it writes no annotations (one patch per job less) and never
+    # re-runs a "creation" when a watch lags behind its own patch (bench: 820 of 1,000 jobs).
+    # Our own Events tell the story; Kopf's would only add "Handler succeeded" noise, and so
+    # would its per-event log lines.
     settings.posting.level = logging.WARNING
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.networking.request_timeout = 30
     settings.watching.server_timeout = 60
     ours: Settings = memo["settings"]
@@ -88,19 +93,14 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_via_client(**kwargs)
 
 
-@kopf.on.create(c.GROUP, c.VERSION, c.PLURAL, backoff=RETRY_DELAY)
-@kopf.on.resume(c.GROUP, c.VERSION, c.PLURAL, backoff=RETRY_DELAY)
-@kopf.on.update(c.GROUP, c.VERSION, c.PLURAL, backoff=RETRY_DELAY)
-def finetunejob_changed(namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any) -> None:
-    # New, resumed after a restart, or its spec changed: make sure every child is there.
-    _reconcile(memo, namespace, name, full=True)
-
-
-# Event handlers run before the create/resume/update ones for the same event, so the cache holds
-# the object by the time those reconcile.
+# A FineTuneJob's own events: the first sight of it (created, or listed at start-up) and every new
+# generation (a spec change) get a full reconcile; status-only changes (ours) need nothing.
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
 def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    _controller(memo).seen_ftj(event["type"], dict(event["object"]))
+    body: dict[str, Any] = dict(event["object"])
+    meta = body.get("metadata") or {}
+    if _controller(memo).seen_ftj(event["type"], body):
+        _reconcile(memo, meta.get("namespace"), meta.get("name"), full=True)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})

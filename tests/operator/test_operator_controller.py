@@ -242,3 +242,21 @@ def test_a_job_created_during_a_resync_pass_is_not_forgotten() -> None:
     ctl.resync()
     assert ctl.cache.ftj("ns/late") is not None
     assert ctl.metrics.jobs.labels(phase=c.Phase.PENDING)._value.get() == 2
+
+
+def test_only_a_new_job_or_a_new_generation_asks_for_a_full_reconcile() -> None:
+    ctl, kube = controller(body())
+    first = kube.get_ftj("ns", "tune")
+    first["metadata"]["resourceVersion"] = "1"
+    assert ctl.seen_ftj(None, first) is True  # listed at start-up, or just created
+    ours = copy.deepcopy(first)
+    ours["metadata"]["resourceVersion"] = "2"
+    ours["status"] = {"phase": "Running"}
+    assert ctl.seen_ftj("MODIFIED", ours) is False  # a status change (ours)
+    spec_change = copy.deepcopy(ours)
+    spec_change["metadata"].update(resourceVersion="3", generation=2)
+    assert ctl.seen_ftj("MODIFIED", spec_change) is True
+    recreated = copy.deepcopy(first)
+    recreated["metadata"].update(resourceVersion="9", uid="uid-new")
+    assert ctl.seen_ftj("ADDED", recreated) is True  # deleted and created again under the same name
+    assert ctl.seen_ftj("DELETED", recreated) is False and ctl.cache.ftj("ns/tune") is None
