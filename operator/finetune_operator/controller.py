@@ -24,15 +24,21 @@ from finetune_api import constants as c
 from finetune_api.resource import ManifestError, parse_spec
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import FineTuneJobStatus
+from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import builders, status
 from .cache import WatchCache, key_of
-from .k8s import Kube
+from .k8s import ChildConflict, Kube, api_error_text
 from .metrics import OperatorMetrics
 from .settings import Settings
+from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
+
+#: Threads that reconcile queued jobs. Reconciles mostly wait on the API server; a few in flight
+#: keep one slow call from holding up every other job.
+WORKERS = 4
 
 #: Annotation on the FineTuneJob: how many times the stall watchdog restarted its workload.
 STALL_RESTARTS_ANNOTATION = f"{c.GROUP}/stall-restarts"
@@ -77,6 +83,7 @@ class Controller:
         self._locks_guard = threading.Lock()
         self._watch: dict[str, _Watch] = {}
         self.cache = WatchCache()
+        self.queue = WorkQueue()
         # Parsed spec per job, by (uid, generation): validation is the costliest step of a reconcile.
         self._specs: dict[str, tuple[tuple[str, int | None], FineTuneJobSpec | ManifestError]] = {}
         # Last scraped metrics per job: an unchanged scrape in a resync needs no status computation.
@@ -114,6 +121,41 @@ class Controller:
         self._specs.pop(key, None)
         self._scraped.pop(key, None)
         self.cache.drop_ftj(key)
+
+    # --- the work queue -------------------------------------------------------------------------
+
+    def enqueue(self, key: str | None, full: bool = False) -> None:
+        if key:
+            self.queue.add(key, full)
+
+    def start_workers(self, count: int = WORKERS) -> list[threading.Thread]:
+        threads = [threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True) for i in range(count)]
+        for t in threads:
+            t.start()
+        return threads
+
+    def stop(self) -> None:
+        self.queue.close()
+
+    def _work(self) -> None:
+        while (item := self.queue.get()) is not None:
+            key, full = item
+            try:
+                self.reconcile_logged(key, full)
+            finally:
+                self.queue.done(key)
+
+    def reconcile_logged(self, key: str, full: bool = False) -> None:
+        """Reconcile; a failure is logged and retried by the next resync."""
+        namespace, name = key.split("/", 1)
+        try:
+            self.reconcile(namespace, name, full=full)
+        except ChildConflict as exc:
+            log.warning("%s: %s", key, exc)
+        except ApiException as exc:
+            log.warning("reconcile of %s failed, retried at the next resync: API error %s", key, api_error_text(exc))
+        except Exception:
+            log.exception("reconcile of %s failed, retried at the next resync", key)
 
     # --- what the watches deliver -------------------------------------------------------------
 

@@ -1,9 +1,8 @@
 """Kopf handlers: thin and typed; every one delegates to the Controller.
 
-The Controller lives in kopf's memo (set by cli.main). Handlers are synchronous, so kopf runs them
-in its thread pool; the Controller serialises work per FineTuneJob. All of them are event
-handlers: each hands the raw object to the Controller's watch cache, which is what reconciles
-read instead of the API, then reconciles the FineTuneJob it belongs to.
+The Controller lives in kopf's memo (set by cli.main). All handlers are event handlers: each hands
+the raw object to the Controller's watch cache, which is what reconciles read instead of the API,
+and queues the FineTuneJob it belongs to for the Controller's reconcile workers.
 """
 
 from __future__ import annotations
@@ -14,10 +13,8 @@ from typing import Any
 
 import kopf
 from finetune_api import constants as c
-from kubernetes.client.exceptions import ApiException
 
 from .controller import Controller
-from .k8s import ChildConflict, api_error_text
 from .metrics import Health
 from .settings import Settings
 
@@ -26,21 +23,6 @@ log = logging.getLogger(__name__)
 
 def _controller(memo: kopf.Memo) -> Controller:
     return memo["controller"]  # type: ignore[no-any-return]
-
-
-def _reconcile(memo: kopf.Memo, namespace: str | None, name: str | None, full: bool = False) -> None:
-    """Reconcile; a failure is logged and retried by the next resync (event handlers are not retried)."""
-    if not namespace or not name:
-        return
-    try:
-        _controller(memo).reconcile(namespace, name, full=full)
-    except ChildConflict as exc:
-        log.warning("%s/%s: %s", namespace, name, exc)
-    except ApiException as exc:
-        log.warning("reconcile of %s/%s failed, retried at the next resync: API error %s",
-                    namespace, name, api_error_text(exc))
-    except Exception:
-        log.exception("reconcile of %s/%s failed, retried at the next resync", namespace, name)
 
 
 @kopf.on.startup()
@@ -60,6 +42,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         # observers would list/watch namespaces and CRDs, get 403 and retry it for about a
         # minute before handling anything; without them it serves the given namespaces at once.
         settings.scanning.disabled = True
+    _controller(memo).start_workers()
     stop = threading.Event()
     memo["stop"] = stop
     thread = threading.Thread(target=_resync_loop, args=(memo, stop), name="resync", daemon=True)
@@ -73,6 +56,7 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
     stop = memo.get("stop")
     if stop is not None:
         stop.set()
+    _controller(memo).stop()
 
 
 def _resync_loop(memo: kopf.Memo, stop: threading.Event) -> None:
@@ -93,25 +77,28 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_via_client(**kwargs)
 
 
+# Event handlers are async and only record the object and queue its job: Kopf runs them on its
+# event loop (no thread hop), and the Controller's workers reconcile (see workqueue.py).
+
+
 # A FineTuneJob's own events: the first sight of it (created, or listed at start-up) and every new
-# generation (a spec change) get a full reconcile; status-only changes (ours) need nothing.
+# generation (a spec change) ask for a full reconcile; status-only changes (ours) need nothing.
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
-def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     body: dict[str, Any] = dict(event["object"])
-    meta = body.get("metadata") or {}
-    if _controller(memo).seen_ftj(event["type"], body):
-        _reconcile(memo, meta.get("namespace"), meta.get("name"), full=True)
+    ctl = _controller(memo)
+    if ctl.seen_ftj(event["type"], body):
+        meta = body["metadata"]
+        ctl.enqueue(f"{meta['namespace']}/{meta['name']}", full=True)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
-def owned_job_event(event: kopf.RawEvent, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    key = _controller(memo).seen_job(event["type"], dict(event["object"]))
-    if key:
-        _reconcile(memo, namespace, key.split("/", 1)[1])
+async def owned_job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    ctl = _controller(memo)
+    ctl.enqueue(ctl.seen_job(event["type"], dict(event["object"])))
 
 
 @kopf.on.event("v1", "pods", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
-def owned_pod_event(event: kopf.RawEvent, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    key = _controller(memo).seen_pod(event["type"], dict(event["object"]))
-    if key:
-        _reconcile(memo, namespace, key.split("/", 1)[1])
+async def owned_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    ctl = _controller(memo)
+    ctl.enqueue(ctl.seen_pod(event["type"], dict(event["object"])))

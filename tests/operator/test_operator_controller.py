@@ -260,3 +260,41 @@ def test_only_a_new_job_or_a_new_generation_asks_for_a_full_reconcile() -> None:
     recreated["metadata"].update(resourceVersion="9", uid="uid-new")
     assert ctl.seen_ftj("ADDED", recreated) is True  # deleted and created again under the same name
     assert ctl.seen_ftj("DELETED", recreated) is False and ctl.cache.ftj("ns/tune") is None
+
+
+def test_work_queue_collapses_bursts_and_never_runs_a_key_twice_at_once() -> None:
+    from finetune_operator.workqueue import WorkQueue
+
+    q = WorkQueue()
+    for _ in range(5):
+        q.add("ns/a")  # a burst of events for one job
+    q.add("ns/b")
+    q.add("ns/a", full=True)  # a full request joins the pending one
+    assert len(q) == 2
+    assert q.get(timeout=1) == ("ns/a", True)
+    q.add("ns/a")  # changed while being reconciled: not handed to a second worker...
+    assert q.get(timeout=1) == ("ns/b", False)
+    assert q.get(timeout=0.05) is None
+    q.done("ns/a")  # ...but queued again once the first reconcile ends
+    assert q.get(timeout=1) == ("ns/a", False)
+    q.done("ns/a")
+    q.done("ns/b")
+    q.close()
+    assert q.get() is None
+
+
+def test_workers_reconcile_queued_jobs() -> None:
+    ctl, kube = controller(body())
+    ctl.seen_ftj(None, kube.get_ftj("ns", "tune"))
+    threads = ctl.start_workers(2)
+    ctl.enqueue("ns/tune", full=True)
+    import time
+
+    deadline = time.monotonic() + 10
+    while kube.status_patches == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ctl.stop()
+    for t in threads:
+        t.join(timeout=5)
+    assert sorted(kube.creates) == ["ConfigMap", "Job", "Service"]
+    assert kube.ftjs[("ns", "tune")]["status"]["phase"] == c.Phase.PENDING

@@ -6,7 +6,8 @@ import kopf
 import pytest
 from finetune_api.constants import OPERATOR_HEALTH_PORT, OPERATOR_METRICS_PORT
 from finetune_operator import handlers
-from finetune_operator.metrics import Health
+from finetune_operator.controller import Controller
+from finetune_operator.metrics import Health, OperatorMetrics
 from finetune_operator.settings import parse_settings
 
 
@@ -46,10 +47,12 @@ def test_kopf_cluster_wide_scanning_is_off_only_for_exact_namespaces(argv: list[
     # A namespaced Role cannot list namespaces or CRDs; Kopf would retry that for about a minute
     # before handling jobs (tests/chart/test_chart_cluster.py runs the operator with such a Role).
     kopf_settings = kopf.OperatorSettings()
-    memo = kopf.Memo(settings=parse_settings(argv, env={}), health=Health(max_silence=60))
+    settings = parse_settings(argv, env={})
+    controller = Controller(None, settings, OperatorMetrics())  # type: ignore[arg-type]  # no API calls here
+    memo = kopf.Memo(settings=settings, health=Health(max_silence=60), controller=controller)
     try:
         handlers.configure(settings=kopf_settings, memo=memo)
     finally:
-        memo["stop"].set()  # the resync loop configure starts
+        handlers.cleanup(memo=memo)  # stops the resync loop and the workers configure starts
     assert kopf_settings.scanning.disabled is scanning_off
     assert memo["health"].ready.is_set()
