@@ -269,7 +269,7 @@ def test_work_queue_collapses_bursts_and_never_runs_a_key_twice_at_once() -> Non
     for _ in range(5):
         q.add("ns/a")  # a burst of events for one job
     q.add("ns/b")
-    q.add("ns/a", full=True)  # a full request joins the pending one
+    q.add("ns/a", full=True)  # a full request joins the pending one, and goes first
     assert len(q) == 2
     assert q.get(timeout=1) == ("ns/a", True)
     q.add("ns/a")  # changed while being reconciled: not handed to a second worker...
@@ -281,6 +281,18 @@ def test_work_queue_collapses_bursts_and_never_runs_a_key_twice_at_once() -> Non
     q.done("ns/b")
     q.close()
     assert q.get() is None
+
+
+def test_new_jobs_go_before_status_updates() -> None:
+    from finetune_operator.workqueue import WorkQueue
+
+    q = WorkQueue()
+    for i in range(3):
+        q.add(f"ns/running-{i}")  # pod events of jobs created earlier
+    q.add("ns/new", full=True)
+    assert q.get(timeout=1) == ("ns/new", True)
+    assert [q.get(timeout=1) for _ in range(3)] == [(f"ns/running-{i}", False) for i in range(3)]
+    assert q.get(timeout=0.05) is None
 
 
 def test_workers_reconcile_queued_jobs() -> None:
