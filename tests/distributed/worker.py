@@ -1,9 +1,11 @@
-"""Run under torchrun (or alone) by the distributed tests: one SFT training through the real recipe.
+"""Run under torchrun (or alone) by the distributed tests: one training through the real recipe's `run`.
 
+Every rank runs what a pod's process runs (runner.run_job less publishing): the objective's recipe,
+with its evaluations before and after training, and its save (collective under ZeRO-3 and FSDP2).
 Writes, from rank 0, a JSON report the test checks: the world size the process group really had,
-the loss of every logged step, how many parameters were DTensor shards (FSDP2) while training,
-what each rank held of the ZeRO-3 partitioned parameters, and what the recipe's save wrote (every
-rank calls it, as in a real run: gathering ZeRO-3 weights is collective).
+the loss of every logged step, the recipe's metrics (base and tuned evaluations), how many
+parameters were DTensor shards (FSDP2) while training, what each rank held of the ZeRO-3
+partitioned parameters, and what the recipe's save wrote against the trained weights.
 
     python worker.py SPEC_JSON REPORT_JSON
 """
@@ -114,42 +116,45 @@ def saved_report(stage: Path, trained: dict[str, Any], base: Path) -> dict[str, 
 def main(spec_path: str, report_path: str) -> int:
     import torch.distributed as dist
     from finetune_api import parse_spec
-    from finetune_trainer.recipes import RecipeContext, sft
+    from finetune_trainer.recipes import RecipeContext
+    from finetune_trainer.runner import recipe_module
 
     spec = parse_spec(json.loads(Path(spec_path).read_text()))
     recorder = Recorder()
     with tempfile.TemporaryDirectory() as tmp:
         ctx = RecipeContext(spec=spec, output_uri=spec.output.uri, workdir=Path(tmp), stage=Path(tmp) / "stage",
                             extra_callbacks=[recorder], progress=False)
-        s = sft.setup(ctx)
-        trainer = sft.build_trainer(ctx, s)
-        trainer.train()
+        # What a pod's process runs (runner.run_job, less publishing): evaluations, training, save.
+        result = recipe_module(spec.objective.type).run(ctx)
+        trainer = result.trainer
         trained = trained_weights(trainer.model)
-        # Not under FSDP2: there the recipe's save (model.save_pretrained of the DTensor shards)
-        # fails on CPU at the pinned versions ("invalid python storage" in safetensors).
-        saves = spec.distributed.strategy != "fsdp"
-        if saves:
-            sft.save(ctx, s, trainer)
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        ranks = [recorder.zero3]
+        # Per rank: what it held of ZeRO-3 parameters, and the weight files it wrote into its stage.
+        # And a checksum of its trained weights: the ranks' copies must be the same (DDP that never
+        # wrapped the model trains a different copy on each rank).
+        mine = {**recorder.zero3, "weight_files": sorted(
+            str(f.relative_to(ctx.stage)) for f in ctx.stage.rglob("*.safetensors")),
+            "trained_sum": sum(float(t.double().sum()) for t in trained.values())}
+        ranks = [mine]
         if world > 1:
             ranks = [None] * world  # type: ignore[list-item]
-            dist.all_gather_object(ranks, recorder.zero3)
+            dist.all_gather_object(ranks, mine)
         if rank == 0:
             Path(report_path).write_text(json.dumps({
                 "world_size": world,
                 # What accelerate's state believes (1 on CPU DeepSpeed without distributed.enable_cpu_deepspeed).
                 "accelerate_processes": int(trainer.accelerator.num_processes),
                 "losses": recorder.losses,
+                "metrics": result.metrics,
                 "sharded_params": recorder.sharded[0],
                 "params": recorder.sharded[1],
                 "local_numel": recorder.local_numel,
                 "total_numel": recorder.total_numel,
                 "fsdp_enabled": bool(getattr(trainer, "is_fsdp_enabled", False)),
                 "deepspeed_enabled": bool(getattr(trainer, "is_deepspeed_enabled", False)),
-                "zero3_ranks": ranks,
-                "saved": saved_report(ctx.stage, trained, Path(spec.model.uri)) if saves else None,
+                "ranks": ranks,
+                "saved": saved_report(ctx.stage, trained, Path(spec.model.uri)),
             }))
     return 0
 

@@ -58,18 +58,28 @@ def save_model(model: Any, tokenizer: Any, stage: Path, spec: FineTuneJobSpec, t
 def save_weights(model: Any, directory: Path, trainer: Any = None) -> bool:
     """`model.save_pretrained(directory)`; False where this rank wrote nothing (see below).
 
-    Under DeepSpeed ZeRO-3 every rank holds only a slice of each parameter, and save_pretrained
-    would write empty tensors (deepspeed 0.19, transformers 5.24). The Trainer's save_model
-    gathers them instead (stage3_gather_16bit_weights_on_model_save, set by distributed.py): a
-    collective, so every rank must come here, and only the main process writes.
+    Where each rank holds only part of every parameter, save_pretrained of the model cannot write
+    the artifact: under DeepSpeed ZeRO-3 it writes empty tensors (deepspeed 0.19, transformers
+    5.24); under FSDP2 (DTensor shards) it fails on CPU ("Attempted to access the data pointer on
+    an invalid python storage", torch 2.14) and would otherwise write one rank's shards. The
+    Trainer's save_model gathers the full weights instead (ZeRO-3:
+    stage3_gather_16bit_weights_on_model_save; FSDP2: state_dict_type FULL_STATE_DICT, both set by
+    distributed.py): a collective, so every rank must come here, and only the main process writes.
     """
-    if trainer is None or not any(hasattr(p, "ds_numel") for p in model.parameters()):
+    if trainer is None or not sharded(model):
         model.save_pretrained(directory, safe_serialization=True)
         return True
     trainer.save_model(str(directory))
     # The Trainer also pickles its TrainingArguments there: not part of an artifact.
     (directory / "training_args.bin").unlink(missing_ok=True)
     return bool(trainer.args.should_save)
+
+
+def sharded(model: Any) -> bool:
+    """Whether the model's parameters are split across ranks (DeepSpeed ZeRO-3, FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(hasattr(p, "ds_numel") or isinstance(p, DTensor) for p in model.parameters())
 
 
 def save_merged(adapter_dir: Path, base_loader: Any, stage: Path, tokenizer: Any) -> Path:

@@ -1,19 +1,25 @@
 """What every recipe shares: the callbacks list and the resume point (the single place where
-checkpointing is wired), and the training summary that goes into metrics.json."""
+checkpointing is wired), evaluations before training, and the training summary that goes into
+metrics.json."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 from finetune_api.constants import CHECKPOINTS_DIR, Env
 from finetune_api.spec import FineTuneJobSpec
+from transformers import TrainerCallback
 
 from .. import methods
 from ..progress import ProgressCallback
 from . import RecipeContext
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_uri(ctx: RecipeContext) -> str:
@@ -74,3 +80,76 @@ def train_summary(trainer: Any, train_output: Any) -> dict[str, Any]:
         "runtimeSeconds": runtime,
         "tokensPerSecond": tokens / runtime if runtime > 0 else 0.0,
     }
+
+
+def evaluate_before_training(
+    trainer: Any, evaluations: dict[str, Callable[[], Any]], *, survive_resume: Collection[str] = ()
+) -> dict[str, Any]:
+    """Run `evaluations` (name -> function) on the model as it is before training; name -> result.
+
+    transformers 5.24 with accelerate 1.15 cannot evaluate before `train()` in a distributed run,
+    on any device:
+    - DDP (more than one process): evaluation_loop prepares the model with
+      `prepare_model(evaluation_mode=True)`, which marks it `_is_accelerate_prepared` without
+      wrapping it; train() then gets the bare model back from prepare (accelerate's guard against
+      double wrapping), so it is never wrapped in DistributedDataParallel: gradients are not
+      averaged and every rank trains its own copy on its share of the data (no error raised).
+    - DeepSpeed: evaluation_loop builds an inference engine (ZeRO-2: "ZeRO inference only makes
+      sense with ZeRO Stage 3"; ZeRO-3: train() then fails with "'NoneType' object has no
+      attribute 'backward'", accelerate's training engine was never made).
+    - FSDP2: evaluation_loop prepares the model without an optimizer, which accelerate refuses
+      ("a model and optimizer must be passed together").
+    There the evaluations run at the start of `train()` instead (on_train_begin): the Trainer has
+    then wrapped the model and evaluates it the way it does during training, and no step has been
+    taken, so the numbers are those of an evaluation before `train()`. The returned dict is filled
+    then. In one process without DeepSpeed/FSDP every evaluation runs now.
+
+    Except when `train()` resumed from a checkpoint: its weights are loaded by on_train_begin, so
+    an evaluation of the starting weights is skipped (logged), unless its name is in
+    `survive_resume` (e.g. the base model with the PEFT adapter disabled, which no checkpoint
+    changes).
+    """
+    results: dict[str, Any] = {}
+    if not evaluations:
+        return results
+    if not deferred(trainer):
+        for name, evaluate in evaluations.items():
+            results[name] = evaluate()
+        return results
+    trainer.add_callback(_EvaluateAtTrainBegin(evaluations, results, frozenset(survive_resume)))
+    return results
+
+
+def deferred(trainer: Any) -> bool:
+    """Whether evaluations before training must wait for train() to wrap the model (see above)."""
+    return bool(
+        getattr(trainer, "is_deepspeed_enabled", False)
+        or getattr(trainer, "is_fsdp_enabled", False)
+        or trainer.args.world_size > 1
+    )
+
+
+class _EvaluateAtTrainBegin(TrainerCallback):  # type: ignore[misc]
+    """Runs the evaluations once, at the first on_train_begin (after the other callbacks' own)."""
+
+    def __init__(self, evaluations: dict[str, Callable[[], Any]], results: dict[str, Any],
+                 survive_resume: frozenset[str]) -> None:
+        self.evaluations = evaluations
+        self.results = results
+        self.survive_resume = survive_resume
+        self.done = False
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.done:
+            return control
+        self.done = True
+        resumed = state.global_step > 0  # a checkpoint's weights are loaded by now
+        for name, evaluate in self.evaluations.items():
+            if resumed and name not in self.survive_resume:
+                log.warning(
+                    "%s: not evaluated; in a distributed run it runs once train() has started, and this run "
+                    "resumed from step %d, whose weights are not the starting ones", name, state.global_step,
+                )
+                continue
+            self.results[name] = evaluate()
+        return control

@@ -142,10 +142,13 @@ def run(ctx: RecipeContext) -> RecipeResult:
     trainer = build_trainer(ctx, s)
     gen = generation.GenerationEval.from_preference(s.spec, s.loaded.tokenizer, s.data)
     metrics: dict[str, Any] = {}
-    if s.spec.evaluation.baseline:
-        metrics["base"] = preference_eval(trainer)
+    # Now, or in a distributed run once train() has wrapped the model (base.evaluate_before_training).
+    before = base.evaluate_before_training(
+        trainer, {"base": lambda: preference_eval(trainer)} if s.spec.evaluation.baseline else {}
+    )
     gen.answer_base(trainer.model)
     train_output = trainer.train(resume_from_checkpoint=base.resume_from(ctx, s.spec))
+    metrics.update(before)
     metrics["train"] = base.train_summary(trainer, train_output)
     metrics["tuned"] = preference_eval(trainer)
     generation_metrics = gen.score_tuned(trainer.model)

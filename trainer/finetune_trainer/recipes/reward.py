@@ -129,9 +129,12 @@ def run(ctx: RecipeContext) -> RecipeResult:
     s = setup(ctx)
     trainer = build_trainer(ctx, s)
     metrics: dict[str, Any] = {}
-    if s.spec.evaluation.baseline:
-        metrics["base"] = reward_eval(trainer)
+    # Now, or in a distributed run once train() has wrapped the model (base.evaluate_before_training).
+    before = base.evaluate_before_training(
+        trainer, {"base": lambda: reward_eval(trainer)} if s.spec.evaluation.baseline else {}
+    )
     train_output = trainer.train(resume_from_checkpoint=base.resume_from(ctx, s.spec))
+    metrics.update(before)
     metrics["train"] = base.train_summary(trainer, train_output)
     metrics["tuned"] = reward_eval(trainer)
     trainable, all_params = methods.trainable_parameters(trainer.model)

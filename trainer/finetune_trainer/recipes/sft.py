@@ -2,7 +2,9 @@
 
 setup: model + tokenizer, tokenized data with loss masks, the method's PEFT wrapper.
 train: SFTTrainer with settings from config.py; the base model is evaluated first (held-out
-       loss, and answers to held-out prompts when evaluation.metrics asks for generation metrics).
+       loss, and answers to held-out prompts when evaluation.metrics asks for generation metrics;
+       in a distributed run the loss once train() has wrapped the model, see
+       base.evaluate_before_training).
 save:  adapter or full model + tokenizer (+ merged/), and the metrics for metrics.json.
 """
 
@@ -100,15 +102,23 @@ def run(ctx: RecipeContext) -> RecipeResult:
     # bleu/rouge/win_rate/accuracy/f1 on held-out prompts (a no-op unless evaluation asks for them).
     gen = generation.GenerationEval.from_records(s.spec, s.loaded.tokenizer, s.data.eval_records)
     metrics: dict[str, Any] = {}
+    # Now, or in a distributed run once train() has wrapped the model (base.evaluate_before_training).
+    evaluations: dict[str, Any] = {}
     if s.spec.evaluation.baseline:
-        metrics["base"] = perplexity.evaluate(trainer, base=True)
+        evaluations["base"] = lambda: perplexity.evaluate(trainer, base=True)
+    if s.continual.earlier_eval is not None:  # objective.continual with replay: forgetting is measured
+        evaluations["earlier"] = lambda: continual.earlier_loss(trainer, s.continual)
+    # With a PEFT method the base is the model with its adapter disabled: no checkpoint changes it.
+    peft = hasattr(trainer.model, "disable_adapter")
+    before = base.evaluate_before_training(trainer, evaluations, survive_resume=("base",) if peft else ())
     gen.answer_base(trainer.model)
-    earlier_before = continual.earlier_loss(trainer, s.continual)
     train_output = trainer.train(resume_from_checkpoint=base.resume_from(ctx, s.spec))
+    if "base" in before:
+        metrics["base"] = before["base"]
     summary: dict[str, float] = {}
     if s.spec.objective.continual is not None:
         metrics["continual"] = continual.report(
-            s.continual, earlier_before, continual.earlier_loss(trainer, s.continual)
+            s.continual, before.get("earlier"), continual.earlier_loss(trainer, s.continual)
         )
         summary.update(continual.summary(metrics["continual"]))
     metrics["train"] = base.train_summary(trainer, train_output)
