@@ -22,7 +22,8 @@ class Settings:
     health_port: int = OPERATOR_HEALTH_PORT
     # Seconds without step progress before Stalled; a job's runPolicy.stallTimeoutSeconds wins.
     stall_timeout: float = 1800.0
-    # How often every live job is reconciled even without events (progress scraping, watchdog).
+    # How often running jobs' trainer metrics are scraped (progress, stall watchdog); everything
+    # else follows watch events.
     resync_interval: float = 10.0
     # Timeout of one scrape of a trainer's /metrics.
     scrape_timeout: float = 2.0
@@ -69,7 +70,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--stall-timeout", type=float, default=float(_env(env, "STALL_TIMEOUT", "1800") or 1800),
                    help="Seconds without step progress before a job is Stalled (runPolicy.stallTimeoutSeconds wins).")
     p.add_argument("--resync-interval", type=float, default=float(_env(env, "RESYNC_INTERVAL", "10") or 10),
-                   help="Seconds between reconciles of a live job without events (progress, watchdog).")
+                   help="Seconds between scrapes of running jobs' metrics (progress, stall watchdog).")
     p.add_argument("--bind-address", default=_env(env, "BIND_ADDRESS", "0.0.0.0"),
                    help="Address the metrics and health servers listen on.")
     ha = p.add_mutually_exclusive_group()
