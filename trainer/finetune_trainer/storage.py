@@ -289,8 +289,11 @@ def _local_files(local_dir: Path) -> list[tuple[str, Path]]:
     return [(rel, p) for rel, p in out if rel != MANIFEST_FILE]
 
 
-def read_manifest(uri: str) -> Manifest | None:
-    """The manifest of a prefix, or None when the prefix is incomplete (no manifest.json)."""
+def _manifest_bytes(uri: str, check_bucket: bool) -> bytes | None:
+    """manifest.json of a prefix as stored, or None when there is none (an incomplete prefix).
+
+    `check_bucket`: a missing key in a missing bucket is a permanent error, not "incomplete".
+    """
     fs, root = resolve(uri)
     path = f"{root}/{MANIFEST_FILE}"
 
@@ -298,17 +301,24 @@ def read_manifest(uri: str) -> Manifest | None:
         try:
             return bytes(fs.cat_file(path))
         except FileNotFoundError:
-            if not _is_local(fs):
+            if check_bucket and not _is_local(fs):
                 _check_bucket(fs, root, uri)
             return None
 
-    data = _retry("read manifest of", uri, load)
-    if data is None:
-        return None
+    return _retry("read manifest of", uri, load)
+
+
+def _parse_manifest(uri: str, data: bytes) -> Manifest:
     try:
         return Manifest.model_validate_json(data)
     except ValueError as exc:
         raise IntegrityError(f"{_join(uri, MANIFEST_FILE)} is not a valid manifest: {exc}", uri=uri) from None
+
+
+def read_manifest(uri: str) -> Manifest | None:
+    """The manifest of a prefix, or None when the prefix is incomplete (no manifest.json)."""
+    data = _manifest_bytes(uri, check_bucket=True)
+    return None if data is None else _parse_manifest(uri, data)
 
 
 def _check_bucket(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> None:
@@ -427,19 +437,10 @@ def read_file(uri: str, name: str) -> bytes | None:
 
 def artifact_of(uri: str) -> Artifact | None:
     """The Artifact a complete prefix describes (sha256 of its manifest bytes), or None."""
-    fs, root = resolve(uri)
-    path = f"{root}/{MANIFEST_FILE}"
-
-    def load() -> bytes | None:
-        try:
-            return bytes(fs.cat_file(path))
-        except FileNotFoundError:
-            return None
-
-    data = _retry("read manifest of", uri, load)
+    data = _manifest_bytes(uri, check_bucket=False)
     if data is None:
         return None
-    manifest = Manifest.model_validate_json(data)
+    manifest = _parse_manifest(uri, data)
     return Artifact(uri=uri, sha256=hashlib.sha256(data).hexdigest(), size_bytes=manifest.size_bytes)
 
 
