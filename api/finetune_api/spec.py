@@ -42,7 +42,8 @@ Quantity = Annotated[
 ]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
-IMMUTABLE = {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "is immutable"}]}
+# Typed as pydantic's JsonDict expects (a plain dict literal infers a narrower, rejected type).
+IMMUTABLE: dict[str, Any] = {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "is immutable"}]}
 
 
 class ApiModel(BaseModel):
@@ -501,7 +502,8 @@ class Evaluation(ApiModel):
     """Held-out evaluation, before (base) and after (tuned)."""
 
     metrics: Annotated[list[EvalMetric], Field(min_length=1, max_length=16)] = Field(
-        default_factory=lambda: ["loss", "perplexity"], description="Metrics to compute on held-out data."
+        default_factory=lambda: list[EvalMetric](["loss", "perplexity"]),
+        description="Metrics to compute on held-out data.",
     )
     every_steps: int | None = Field(None, ge=1, description="Also evaluate every N steps during training.")
     generation_samples: int = Field(0, ge=0, le=100000, description="Held-out prompts answered for bleu/rouge/win_rate.")
