@@ -75,14 +75,6 @@ class Kube:
                 return None
             raise
 
-    def list_ftjs(self, namespace: str | None) -> list[dict[str, Any]]:
-        if namespace is None:
-            resp = self.custom.list_cluster_custom_object(c.GROUP, c.VERSION, c.PLURAL, _preload_content=False)
-        else:
-            resp = self.custom.list_namespaced_custom_object(
-                c.GROUP, c.VERSION, namespace, c.PLURAL, _preload_content=False)
-        return list(_raw(resp).get("items") or [])
-
     def patch_ftj_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         """Merge patch of the status subresource (only the operator writes status); the new object."""
         return _raw(self.custom.patch_namespaced_custom_object_status(
@@ -144,14 +136,6 @@ class Kube:
                 f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not owned by this FineTuneJob "
                 f"(owners {sorted(o for o in owners if o)}); waiting for it to go away")
         return existing, False
-
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return _raw(self.batch.read_namespaced_job(name, namespace, _preload_content=False))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
 
     def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
         return _raw(self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}},
