@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import re
-
 import yaml
-
 from finetune_api import FineTuneJob, ManifestError, parse_job
 
 

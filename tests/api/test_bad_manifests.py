@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from finetune_cli.main import main
 
 from api.bad_manifests import BAD_MANIFESTS, BASE, Bad
-from finetune_cli.main import main
 
 
 def validate(*paths: Path) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from finetune_api import ManifestError, parse_job
 from finetune_api.crd import spec_schema
 from finetune_cli.main import main
