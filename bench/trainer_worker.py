@@ -132,6 +132,7 @@ def plain(cfg: dict[str, Any]) -> dict[str, Any]:
     """What a user would write with TRL alone (same model, data files, seed and settings)."""
     import torch
     from datasets import load_dataset
+    from finetune_api.spec import Checkpointing
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
@@ -150,7 +151,10 @@ def plain(cfg: dict[str, Any]) -> dict[str, Any]:
         lr_scheduler_type=hp["scheduler"], warmup_steps=float(hp["warmup_ratio"]),
         weight_decay=hp["weight_decay"], optim=hp["optimizer"], max_grad_norm=hp["max_grad_norm"],
         seed=hp["seed"], data_seed=hp["seed"], bf16=False, fp16=False, use_cpu=True,
-        gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
+        # Checkpoints at our recipe's default cadence (checkpointing.everySteps): both sides do the
+        # same work in the timed window, as a plain TRL script run for real would checkpoint too.
+        gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="steps",
+        save_steps=Checkpointing().every_steps,
         eval_strategy="no", max_length=cfg["max_length"], packing=cfg.get("packing", False),
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=True,
     )
