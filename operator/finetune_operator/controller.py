@@ -145,11 +145,11 @@ class Controller:
             finally:
                 self.queue.done(key)
 
-    def reconcile_logged(self, key: str, full: bool = False) -> None:
+    def reconcile_logged(self, key: str, full: bool = False, periodic: bool = False) -> None:
         """Reconcile; a failure is logged and retried by the next resync."""
         namespace, name = key.split("/", 1)
         try:
-            self.reconcile(namespace, name, full=full)
+            self.reconcile(namespace, name, full=full, periodic=periodic)
         except ChildConflict as exc:
             log.warning("%s: %s", key, exc)
         except ApiException as exc:
@@ -159,18 +159,21 @@ class Controller:
 
     # --- what the watches deliver -------------------------------------------------------------
 
-    def seen_ftj(self, event: str | None, body: dict[str, Any]) -> bool:
-        """Record a FineTuneJob; True when it needs a full reconcile: first seen (created, or
-        listed at start-up), or a new generation (its spec changed)."""
+    def seen_ftj(self, event: str | None, body: dict[str, Any]) -> str | None:
+        """Record a FineTuneJob; returns its key when it needs a full reconcile: first seen
+        (created, or listed at start-up), or a new generation (its spec changed)."""
         meta = body["metadata"]
         if event == "DELETED":
             self.forget(meta["namespace"], meta["name"])
-            return False
-        held = self.cache.ftj(key_of(meta["namespace"], meta["name"]))
+            return None
+        key = key_of(meta["namespace"], meta["name"])
+        held = self.cache.ftj(key)
         self.cache.put_ftj(body, event)
         if meta.get("deletionTimestamp"):
-            return False  # the garbage collector removes the children
-        return held is None or any(held["metadata"].get(k) != meta.get(k) for k in ("uid", "generation"))
+            return None  # the garbage collector removes the children
+        if held is None or any(held["metadata"].get(k) != meta.get(k) for k in ("uid", "generation")):
+            return key
+        return None
 
     def seen_job(self, event: str | None, body: dict[str, Any]) -> str | None:
         """Record a Job; returns the key of the FineTuneJob to reconcile."""
@@ -198,11 +201,7 @@ class Controller:
             if phase in c.Phase.TERMINAL:
                 self.metrics.set_phase(key, phase)
                 continue
-            ns, name = key.split("/", 1)
-            try:
-                self.reconcile(ns, name, periodic=True)
-            except Exception:
-                log.exception("resync of %s failed", key)
+            self.reconcile_logged(key, periodic=True)
         # Jobs the gauge counts but the cache no longer has were deleted. Read the gauge first and
         # the cache second: a job created during this pass is in the cache before it is counted.
         known = self.metrics.known()
@@ -217,7 +216,7 @@ class Controller:
         if body is None and not full:
             # An event of a child whose FineTuneJob is gone (a deletion storm would otherwise cost
             # a GET per child event), or one the FineTuneJob watch has not shown yet, whose own
-            # create/resume handler reconciles it in full.
+            # first event asks for a full reconcile.
             return
         if body is None:
             body = self._fetch(namespace, name, key)

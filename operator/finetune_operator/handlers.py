@@ -85,11 +85,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 # generation (a spec change) ask for a full reconcile; status-only changes (ours) need nothing.
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
 async def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    body: dict[str, Any] = dict(event["object"])
     ctl = _controller(memo)
-    if ctl.seen_ftj(event["type"], body):
-        meta = body["metadata"]
-        ctl.enqueue(f"{meta['namespace']}/{meta['name']}", full=True)
+    ctl.enqueue(ctl.seen_ftj(event["type"], dict(event["object"])), full=True)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})

@@ -248,18 +248,18 @@ def test_only_a_new_job_or_a_new_generation_asks_for_a_full_reconcile() -> None:
     ctl, kube = controller(body())
     first = kube.get_ftj("ns", "tune")
     first["metadata"]["resourceVersion"] = "1"
-    assert ctl.seen_ftj(None, first) is True  # listed at start-up, or just created
+    assert ctl.seen_ftj(None, first) == "ns/tune"  # listed at start-up, or just created
     ours = copy.deepcopy(first)
     ours["metadata"]["resourceVersion"] = "2"
     ours["status"] = {"phase": "Running"}
-    assert ctl.seen_ftj("MODIFIED", ours) is False  # a status change (ours)
+    assert ctl.seen_ftj("MODIFIED", ours) is None  # a status change (ours)
     spec_change = copy.deepcopy(ours)
     spec_change["metadata"].update(resourceVersion="3", generation=2)
-    assert ctl.seen_ftj("MODIFIED", spec_change) is True
+    assert ctl.seen_ftj("MODIFIED", spec_change) == "ns/tune"
     recreated = copy.deepcopy(first)
     recreated["metadata"].update(resourceVersion="9", uid="uid-new")
-    assert ctl.seen_ftj("ADDED", recreated) is True  # deleted and created again under the same name
-    assert ctl.seen_ftj("DELETED", recreated) is False and ctl.cache.ftj("ns/tune") is None
+    assert ctl.seen_ftj("ADDED", recreated) == "ns/tune"  # deleted and created again under the same name
+    assert ctl.seen_ftj("DELETED", recreated) is None and ctl.cache.ftj("ns/tune") is None
 
 
 def test_work_queue_collapses_bursts_and_never_runs_a_key_twice_at_once() -> None:
