@@ -77,7 +77,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "# Benchmarks",
         "",
         "Written by `make bench` (`python -m bench.run`); do not edit by hand. Every figure is the median",
-        "over the runs, with (min-max); the two sides of each comparison ran alternately (A B A B), each",
+        "over the runs, with (min-max); the two sides of each comparison ran alternately in counterbalanced pairs (A B, B A, ...), each",
         "run in a fresh process. Machine-readable: `bench/results.json`.",
         "",
         f"- Machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory_gib']} GiB, {mach['os']}",

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--only", type=parse_only, default=list(SECTIONS), metavar="A,B",
                    help=f"benchmarks to run ({', '.join(SECTIONS)}; 'trainer' = overhead)")
-    p.add_argument("--runs", type=int, default=5, help="runs per side, alternating A B A B (default 5)")
+    p.add_argument("--runs", type=int, default=5, help="runs per side, alternating A B, B A, ... (default 5)")
     # ~7 s of training per run on 2 cores: shorter windows (60 steps, 1.5 s) left the ratio to noise.
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per overhead run (default 300)")
     p.add_argument("--packing-rows", type=int, default=384, help="chat rows of the packing data set (default 384)")

@@ -1,7 +1,9 @@
 """Trainer benchmarks (parent side): overhead vs plain TRL, packing vs padding, start-up.
 
 Every run is a fresh child process (bench.trainer_worker); the two sides of a comparison
-alternate A B A B so that drifting machine load hits both alike.
+alternate in counterbalanced pairs (A B, B A, A B, ...) so that drifting machine load, and
+whatever one run leaves behind for the next (page cache, dirty pages being written back), hit
+both sides alike.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 def hyperparameters(max_steps: int | None, batch_size: int) -> dict[str, Any]:
     return {"max_steps": max_steps, "batch_size": batch_size, "learning_rate": 1e-3, "warmup_ratio": 0.1,
             "scheduler": "cosine", "seed": 7, "weight_decay": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw_torch"}
+
+
+def alternating(runs: int, sides: tuple[str, str]) -> list[tuple[int, str]]:
+    """(pair index, side) in run order: A B, B A, A B, ... so that neither side always runs second."""
+    a, b = sides
+    return [(i, side) for i in range(runs) for side in ((a, b) if i % 2 == 0 else (b, a))]
 
 
 def _run(mode: str, cfg: dict[str, Any], workdir: Path, tag: str) -> Child:
@@ -44,9 +52,8 @@ def overhead(runs: int, steps: int, workdir: Path) -> dict[str, Any]:
            "max_length": 128, "hp": hyperparameters(steps, 8), "lora": LORA}
     ours: list[Child] = []
     plain: list[Child] = []
-    for i in range(runs):
-        ours.append(_run("ours", cfg, workdir, f"overhead-ours-{i}"))
-        plain.append(_run("plain", cfg, workdir, f"overhead-plain-{i}"))
+    for i, side in alternating(runs, ("ours", "plain")):
+        (ours if side == "ours" else plain).append(_run(side, cfg, workdir, f"overhead-{side}-{i}"))
     ratios = [a.result["tokens_per_s"] / b.result["tokens_per_s"] for a, b in zip(ours, plain, strict=True)]
     rss_ratios = [a.peak_rss_mib / b.peak_rss_mib for a, b in zip(ours, plain, strict=True)]
     ours_losses, plain_losses = ours[0].result["losses"], plain[0].result["losses"]
@@ -94,9 +101,9 @@ def packing(runs: int, workdir: Path, rows: int = 384, padded_batch: int = 16) -
     padded_cfg = {**base, "packing": False, "hp": hyperparameters(None, padded_batch)}
     packed: list[Child] = []
     padded: list[Child] = []
-    for i in range(runs):
-        packed.append(_run("ours", packed_cfg, workdir, f"packing-packed-{i}"))
-        padded.append(_run("ours", padded_cfg, workdir, f"packing-padded-{i}"))
+    for i, side in alternating(runs, ("packed", "padded")):
+        cfg = packed_cfg if side == "packed" else padded_cfg
+        (packed if side == "packed" else padded).append(_run("ours", cfg, workdir, f"packing-{side}-{i}"))
     speedups = [a.result["tokens_per_s"] / b.result["tokens_per_s"] for a, b in zip(packed, padded, strict=True)]
     cpu = _cpu_ratios(packed, padded)
     return {

@@ -99,3 +99,10 @@ def test_operator_benchmark_runs_one_job_through_its_lifecycle(tmp_path: Path) -
         assert r["operator_writes_by_verb"][f"create {kind}"] == r["jobs"]
     assert doc["api_writes_per_job"] == r["operator_writes_per_job"] > 0
     assert "## 4. Operator at scale" in (out / "RESULTS.md").read_text()
+
+
+def test_comparisons_run_in_counterbalanced_pairs() -> None:
+    from bench.trainer_bench import alternating
+
+    order = alternating(3, ("ours", "plain"))
+    assert order == [(0, "ours"), (0, "plain"), (1, "plain"), (1, "ours"), (2, "ours"), (2, "plain")]
