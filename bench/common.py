@@ -46,33 +46,52 @@ def run_child(argv: Sequence[str], log: Path, *, env: dict[str, str] | None = No
     Peak RSS comes from the kernel's rusage of exactly this child (os.wait4), so it covers
     everything the process did, imports included, and nothing of ours.
     """
-    log.parent.mkdir(parents=True, exist_ok=True)
-    result_file = log.with_suffix(".json")
-    result_file.unlink(missing_ok=True)
-    full_env = {**os.environ, **CHILD_ENV, **(env or {}), "BENCH_RESULT": str(result_file)}
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH", "")) if p)
-    with open(log, "wb") as out:
+    return run_children([(argv, log, env)], timeout=timeout)[0]
+
+
+def run_children(
+    children: Sequence[tuple[Sequence[str], Path, dict[str, str] | None]], *, timeout: float = 1800
+) -> list[Child]:
+    """Runs several children at once (see run_child) and waits for all of them; when one fails the
+    others are killed (they may be waiting for it), and the first failure is raised."""
+    procs: list[tuple[subprocess.Popen[bytes], Path, float, Any]] = []
+    for argv, log, env in children:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        result_file = log.with_suffix(".json")
+        result_file.unlink(missing_ok=True)
+        full_env = {**os.environ, **CHILD_ENV, **(env or {}), "BENCH_RESULT": str(result_file)}
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH", "")) if p)
+        out = open(log, "wb")  # closed below, once the child is reaped
         t0 = time.time()
         full_env[T0_ENV] = repr(t0)
         proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=full_env, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
+        procs.append((proc, log, t0, out))
+    deadline = time.monotonic() + timeout
+    done: dict[int, Child] = {}
+    failed: list[str] = []
+    while len(done) < len(procs):
+        for i, (proc, log, t0, out) in enumerate(procs):
+            if i in done:
+                continue
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
+            if not pid and (failed or time.monotonic() > deadline):
                 proc.kill()
                 pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-        wall = time.time() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    result = json.loads(result_file.read_text()) if result_file.exists() else {}
-    if proc.returncode != 0 or not result:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-        raise RuntimeError(f"{' '.join(argv)} failed with {proc.returncode} (log {log}):\n{tail}")
-    return Child(result, usage.ru_maxrss / 1024.0, wall, proc.returncode, log)
+            if not pid:
+                continue
+            out.close()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            result_file = log.with_suffix(".json")
+            result = json.loads(result_file.read_text()) if result_file.exists() else {}
+            done[i] = Child(result, usage.ru_maxrss / 1024.0, time.time() - t0, proc.returncode, log)
+            if (proc.returncode != 0 or not result) and not failed:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+                failed.append(f"{' '.join(proc.args[1:])} failed with {proc.returncode} (log {log}):\n{tail}")
+        time.sleep(0.05)
+    if failed:
+        raise RuntimeError(failed[0])
+    return [done[i] for i in range(len(procs))]
 
 
 def write_result(data: dict[str, Any]) -> None:

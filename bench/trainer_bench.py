@@ -9,13 +9,14 @@ both sides alike.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
 from . import fixtures
-from .common import Child, run_child, summary
+from .common import Child, run_child, run_children, summary
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 
@@ -44,41 +45,86 @@ def _run(mode: str, cfg: dict[str, Any], workdir: Path, tag: str) -> Child:
     return child
 
 
+def _run_lockstep(cfg: dict[str, Any], workdir: Path, tag: str, first: str) -> dict[str, Child]:
+    """Both sides at once, their optimizer steps alternating one at a time (trainer_worker.Turns);
+    `first` takes the first step."""
+    pair_dir = workdir / tag
+    shutil.rmtree(pair_dir, ignore_errors=True)
+    pair_dir.mkdir(parents=True)
+    sides = ("ours", "plain")
+    for side in sides:
+        os.mkfifo(pair_dir / f"turn-{side}")
+    children = []
+    for side in sides:
+        twin = sides[1 - sides.index(side)]
+        run_dir = pair_dir / side
+        run_dir.mkdir()
+        turns = {"me": side, "twin": twin, "dir": str(pair_dir), "first": side == first,
+                 "mine": str(pair_dir / f"turn-{side}"), "other": str(pair_dir / f"turn-{twin}")}
+        side_cfg = {**cfg, "output": str(run_dir / "out"), "turns": turns}
+        (run_dir / "config.json").write_text(json.dumps(side_cfg))
+        children.append((["-m", "bench.trainer_worker", side, str(run_dir / "config.json")], run_dir / "run.log", None))
+    done = run_children(children)
+    for side in sides:
+        shutil.rmtree(pair_dir / side / "out", ignore_errors=True)
+        shutil.rmtree(pair_dir / side / "scratch", ignore_errors=True)
+    return dict(zip(sides, done, strict=True))
+
+
 def overhead(runs: int, steps: int, workdir: Path) -> dict[str, Any]:
-    """Our lora recipe vs a plain TRL SFTTrainer script: tokens/s and peak RSS ratios, losses."""
+    """Our lora recipe vs a plain TRL SFTTrainer script: tokens/s and peak RSS ratios, losses.
+
+    Two designs, `runs` pairs each. Lock-step (the headline): both sides run at once and take
+    turns every optimizer step, so both see the same machine; only each side's own turns count.
+    Sequential: one whole process after the other, in counterbalanced pairs (each alone on the
+    machine, but seconds apart, so shared-machine drift between them is part of the ratio)."""
     model = fixtures.model_dir("tiny")
     train, held = fixtures.facts_data()
     cfg = {"model": str(model), "train": str(train), "eval": str(held), "format": "prompt_completion",
            "max_length": 128, "hp": hyperparameters(steps, 8), "lora": LORA}
-    ours: list[Child] = []
-    plain: list[Child] = []
+    pairs = [_run_lockstep(cfg, workdir, f"overhead-lockstep-{i}", "ours" if i % 2 == 0 else "plain")
+             for i in range(runs)]
+    ours, plain = [p["ours"] for p in pairs], [p["plain"] for p in pairs]
+    seq_ours: list[Child] = []
+    seq_plain: list[Child] = []
     for i, side in alternating(runs, ("ours", "plain")):
-        (ours if side == "ours" else plain).append(_run(side, cfg, workdir, f"overhead-{side}-{i}"))
-    ratios = [a.result["tokens_per_s"] / b.result["tokens_per_s"] for a, b in zip(ours, plain, strict=True)]
-    rss_ratios = [a.peak_rss_mib / b.peak_rss_mib for a, b in zip(ours, plain, strict=True)]
+        (seq_ours if side == "ours" else seq_plain).append(_run(side, cfg, workdir, f"overhead-{side}-{i}"))
     ours_losses, plain_losses = ours[0].result["losses"], plain[0].result["losses"]
     diffs = [abs(x - y) for x, y in zip(ours_losses, plain_losses, strict=False)]
     phase_names = sorted({k for c in ours for k in c.result["phases"]})
-    cpu = _cpu_ratios(ours, plain)
+    everyone = (*ours, *plain, *seq_ours, *seq_plain)
     return {
-        **cpu,
+        **_side_by_side(ours, plain),
+        "design": "lockstep",
+        # Median optimizer-step time plain/ours: the same comparison without checkpoints and
+        # slow outliers (both sides' steps are in the same seconds, so outliers hit both).
+        "median_step_ratio": summary([statistics.median(b.result["step_s"]) / statistics.median(a.result["step_s"])
+                                      for a, b in zip(ours, plain, strict=True)]),
+        "sequential": _side_by_side(seq_ours, seq_plain),
         "config": {"model": fixtures.MODELS["tiny"], "steps": steps, "batch_size": 8, "max_length": 128,
                    "lora": LORA, "rows": "facts (prompt/completion)"},
-        "ours_tokens_per_s": summary([c.result["tokens_per_s"] for c in ours]),
-        "plain_tokens_per_s": summary([c.result["tokens_per_s"] for c in plain]),
-        "tokens_per_s_ratio": summary(ratios),
-        "ours_peak_rss_mib": summary([c.peak_rss_mib for c in ours]),
-        "plain_peak_rss_mib": summary([c.peak_rss_mib for c in plain]),
-        "peak_rss_ratio": summary(rss_ratios),
         "tokens_per_run": ours[0].result["tokens"],
         "losses_ours": ours_losses,
         "losses_plain": plain_losses,
         "loss_max_abs_diff": max(diffs) if diffs else None,
-        "loss_runs_identical": all(c.result["losses"] == ours_losses for c in ours)
-        and all(c.result["losses"] == ours_losses for c in plain),
+        "loss_runs_identical": all(c.result["losses"] == ours_losses for c in everyone),
         "eval_loss_ours": ours[0].result["eval_loss"],
         "eval_loss_plain": plain[0].result["eval_loss"],
         "ours_phases_s": {k: summary([c.result["phases"].get(k, 0.0) for c in ours]) for k in phase_names},
+    }
+
+
+def _side_by_side(ours: list[Child], plain: list[Child]) -> dict[str, Any]:
+    """Throughput, CPU and memory of paired runs: each side's medians and the per-pair ratios."""
+    pairs = list(zip(ours, plain, strict=True))
+    return {
+        **_cpu_ratios(ours, plain),
+        "ours_tokens_per_s": summary([c.result["tokens_per_s"] for c in ours]),
+        "plain_tokens_per_s": summary([c.result["tokens_per_s"] for c in plain]),
+        "tokens_per_s_ratio": summary([a.result["tokens_per_s"] / b.result["tokens_per_s"] for a, b in pairs]),
+        "ours_peak_rss_mib": summary([c.peak_rss_mib for c in ours]),
+        "plain_peak_rss_mib": summary([c.peak_rss_mib for c in plain]),
+        "peak_rss_ratio": summary([a.peak_rss_mib / b.peak_rss_mib for a, b in pairs]),
         "ours_wall_s": summary([c.wall_s for c in ours]),
         "plain_wall_s": summary([c.wall_s for c in plain]),
     }

@@ -28,26 +28,122 @@ def mark(name: str) -> None:
     MARKS.setdefault(name, time.time() - T0)
 
 
-def _loop_timer() -> Any:
+class Turns:
+    """Lock-step with a twin process: steps alternate A B A B, one process at a time.
+
+    On a shared machine the speed changes from second to second (other tenants); two processes
+    that alternate every optimizer step see the same machine, which runs alternating whole
+    processes cannot give. A token passes through two FIFOs: a process runs while it holds it and
+    hands it over at the start of its next step; the time it waits is not counted (see LoopTimer).
+    Both start training together (`ready` files) and wait for each other at the end (`done`
+    files), so neither one's loading, evaluation or saving runs during the other's steps.
+    """
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        import os
+
+        # O_RDWR: opening never blocks, and writing never fails while the twin has not opened yet.
+        self.mine = os.open(cfg["mine"], os.O_RDWR)
+        self.other = os.open(cfg["other"], os.O_RDWR)
+        self.me, self.twin = cfg["me"], cfg["twin"]
+        self.dir = Path(cfg["dir"])
+        self.first = bool(cfg["first"])
+        self.holding = False
+
+    def _wait_for(self, what: str) -> None:
+        while not (self.dir / f"{what}-{self.twin}").exists():
+            time.sleep(0.01)
+
+    def start(self) -> None:
+        (self.dir / f"ready-{self.me}").touch()
+        self._wait_for("ready")
+        self.holding = self.first
+        self.take()
+
+    def take(self) -> None:
+        import os
+
+        if not self.holding:
+            os.read(self.mine, 1)
+            self.holding = True
+
+    def give(self) -> None:
+        import os
+
+        if (self.dir / f"done-{self.twin}").exists():
+            return  # the twin has finished training: keep the token
+        os.write(self.other, b"t")
+        self.holding = False
+
+    def finish(self) -> None:
+        import os
+
+        (self.dir / f"done-{self.me}").touch()  # before the hand-over: the twin then never waits for us
+        if self.holding:
+            os.write(self.other, b"t")
+            self.holding = False
+        self._wait_for("done")
+
+
+def _loop_timer(turns: Turns | None = None) -> Any:
     from transformers import TrainerCallback
 
     class LoopTimer(TrainerCallback):  # type: ignore[misc]
+        """Times the training loop: from on_train_begin to the last optimizer step's on_step_end.
+
+        In lock-step (turns) only the time this process held the token counts: each window runs
+        from taking it at one step's on_step_begin to handing it over at the next one's, so it
+        covers the step, its logging and checkpoint, and loading the next batch."""
+
         def __init__(self) -> None:
             self.begin = self.last = self.cpu_begin = self.cpu_last = 0.0
             self.tokens = 0
             self.steps = 0
+            self.step_s: list[float] = []  # wall time of each optimizer step (held time in lock-step)
+            self.held = self.held_cpu = 0.0  # lock-step: closed windows so far
+            self.taken = self.taken_cpu = 0.0  # lock-step: when the open window began
+            self.step_began = 0.0
+            self.windows: list[tuple[float, float]] = []  # lock-step: (taken, handed over), time.monotonic()
+            self.taken_mono = 0.0
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             mark("train_begin")
-            self.begin = time.perf_counter()
-            self.cpu_begin = time.process_time()
+            if turns is not None:
+                turns.start()
+            self.taken, self.taken_cpu, self.taken_mono = time.perf_counter(), time.process_time(), time.monotonic()
+            self.begin = self.last = self.step_began = self.taken
+            self.cpu_begin = self.cpu_last = self.taken_cpu
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if turns is None or not self.step_s:
+                return  # the first step runs in the window opened by on_train_begin
+            # Close this window (the previous step and what followed it), hand over, wait.
+            self.held += time.perf_counter() - self.taken
+            self.held_cpu += time.process_time() - self.taken_cpu
+            self.windows.append((self.taken_mono, time.monotonic()))
+            turns.give()
+            turns.take()
+            self.taken, self.taken_cpu, self.taken_mono = time.perf_counter(), time.process_time(), time.monotonic()
+            self.step_began = self.taken
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             mark("first_optimizer_step")
-            self.last = time.perf_counter()
-            self.cpu_last = time.process_time()
+            now, cpu = time.perf_counter(), time.process_time()
+            if turns is None:
+                self.step_s.append(now - self.last)
+                self.last, self.cpu_last = now, cpu
+            else:
+                self.step_s.append(now - self.step_began)
+                # The loop so far: closed windows plus the open one up to this step's end.
+                self.last = self.begin + self.held + (now - self.taken)
+                self.cpu_last = self.cpu_begin + self.held_cpu + (cpu - self.taken_cpu)
             self.tokens = int(state.num_input_tokens_seen or 0)
             self.steps = int(state.global_step)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if turns is not None:
+                self.windows.append((self.taken_mono, time.monotonic()))
+                turns.finish()
 
         def result(self, state: Any) -> dict[str, Any]:
             loop = self.last - self.begin
@@ -57,7 +153,8 @@ def _loop_timer() -> Any:
             cpu = self.cpu_last - self.cpu_begin
             return {"loop_s": loop, "tokens": self.tokens, "steps": self.steps,
                     "tokens_per_s": self.tokens / loop if loop > 0 else 0.0, "loop_cpu_s": cpu,
-                    "tokens_per_cpu_s": self.tokens / cpu if cpu > 0 else 0.0, "losses": losses}
+                    "tokens_per_cpu_s": self.tokens / cpu if cpu > 0 else 0.0, "losses": losses,
+                    "step_s": self.step_s, "windows": self.windows}
 
     return LoopTimer()
 
@@ -113,7 +210,7 @@ def ours(cfg: dict[str, Any]) -> dict[str, Any]:
     _timed(perplexity, "evaluate", phases)
     _timed(sft, "save", phases)
     _timed(output, "publish", phases)
-    timer = _loop_timer()
+    timer = _loop_timer(Turns(cfg["turns"]) if cfg.get("turns") else None)
     spec = parse_spec(spec_dict(cfg))
     t = time.perf_counter()
     # As in a pod: no progress bar, the metrics endpoint served (any free port), checkpoints on.
@@ -160,7 +257,7 @@ def plain(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     peft_config = LoraConfig(task_type="CAUSAL_LM", r=cfg["lora"]["r"], lora_alpha=cfg["lora"]["alpha"],
                              lora_dropout=cfg["lora"]["dropout"], target_modules="all-linear")
-    timer = _loop_timer()
+    timer = _loop_timer(Turns(cfg["turns"]) if cfg.get("turns") else None)
     set_seed(hp["seed"])  # before the adapter is initialised, as the recipe does
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds["train"], eval_dataset=ds["eval"],
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])

@@ -64,6 +64,17 @@ def test_trainer_benchmarks_run_in_quick_mode_and_write_results(tmp_path: Path) 
     # Same model, data, seed and settings: our recipe's losses are the plain TRL script's.
     assert len(o["losses_ours"]) == 4
     assert o["losses_ours"] == pytest.approx(o["losses_plain"], abs=1e-6)
+    assert o["loss_runs_identical"] and "tokens_per_s_ratio" in o["sequential"]
+    # Lock-step: the two processes' turns never overlap and alternate, one optimizer step each.
+    results = {side: json.loads((tmp_path / "runs" / "overhead-lockstep-0" / side / "run.json").read_text())
+               for side in ("ours", "plain")}
+    turns = sorted((start, end, side) for side, r in results.items() for start, end in r["windows"])
+    assert len(turns) == 8  # 4 steps each
+    assert [side for _, _, side in turns] == ["ours", "plain"] * 4  # ours went first in pair 0
+    assert all(later[0] >= earlier[1] for earlier, later in zip(turns, turns[1:], strict=False))
+    for r in results.values():
+        # Counted: only its own turns, up to the last step's end (not the wait for the twin).
+        assert 0 < r["loop_s"] <= sum(end - start for start, end in r["windows"]) + 1e-6
     p = doc["sections"]["packing"]
     assert p["token_lengths"]["spread"] >= 10
     # One epoch each way: both sides trained on every real token of the data set.
