@@ -45,30 +45,31 @@ def _run(mode: str, cfg: dict[str, Any], workdir: Path, tag: str) -> Child:
     return child
 
 
-def _run_lockstep(cfg: dict[str, Any], workdir: Path, tag: str, first: str) -> dict[str, Child]:
-    """Both sides at once, their optimizer steps alternating one at a time (trainer_worker.Turns);
-    `first` takes the first step."""
+def _run_lockstep(sides: dict[str, tuple[str, dict[str, Any]]], workdir: Path, tag: str, first: str) -> dict[str, Child]:
+    """Two runs at once, their optimizer steps alternating one at a time (trainer_worker.Turns).
+
+    sides: name -> (worker mode, config); `first` names the side that takes the first step."""
     pair_dir = workdir / tag
     shutil.rmtree(pair_dir, ignore_errors=True)
     pair_dir.mkdir(parents=True)
-    sides = ("ours", "plain")
-    for side in sides:
-        os.mkfifo(pair_dir / f"turn-{side}")
+    names = list(sides)
+    for name in names:
+        os.mkfifo(pair_dir / f"turn-{name}")
     children = []
-    for side in sides:
-        twin = sides[1 - sides.index(side)]
-        run_dir = pair_dir / side
+    for name, (mode, cfg) in sides.items():
+        twin = names[1 - names.index(name)]
+        run_dir = pair_dir / name
         run_dir.mkdir()
-        turns = {"me": side, "twin": twin, "dir": str(pair_dir), "first": side == first,
-                 "mine": str(pair_dir / f"turn-{side}"), "other": str(pair_dir / f"turn-{twin}")}
+        turns = {"me": name, "twin": twin, "dir": str(pair_dir), "first": name == first,
+                 "mine": str(pair_dir / f"turn-{name}"), "other": str(pair_dir / f"turn-{twin}")}
         side_cfg = {**cfg, "output": str(run_dir / "out"), "turns": turns}
         (run_dir / "config.json").write_text(json.dumps(side_cfg))
-        children.append((["-m", "bench.trainer_worker", side, str(run_dir / "config.json")], run_dir / "run.log", None))
+        children.append((["-m", "bench.trainer_worker", mode, str(run_dir / "config.json")], run_dir / "run.log", None))
     done = run_children(children)
-    for side in sides:
-        shutil.rmtree(pair_dir / side / "out", ignore_errors=True)
-        shutil.rmtree(pair_dir / side / "scratch", ignore_errors=True)
-    return dict(zip(sides, done, strict=True))
+    for name in names:
+        shutil.rmtree(pair_dir / name / "out", ignore_errors=True)
+        shutil.rmtree(pair_dir / name / "scratch", ignore_errors=True)
+    return dict(zip(names, done, strict=True))
 
 
 def overhead(runs: int, steps: int, workdir: Path) -> dict[str, Any]:
@@ -82,8 +83,8 @@ def overhead(runs: int, steps: int, workdir: Path) -> dict[str, Any]:
     train, held = fixtures.facts_data()
     cfg = {"model": str(model), "train": str(train), "eval": str(held), "format": "prompt_completion",
            "max_length": 128, "hp": hyperparameters(steps, 8), "lora": LORA}
-    pairs = [_run_lockstep(cfg, workdir, f"overhead-lockstep-{i}", "ours" if i % 2 == 0 else "plain")
-             for i in range(runs)]
+    pairs = [_run_lockstep({"ours": ("ours", cfg), "plain": ("plain", cfg)}, workdir, f"overhead-lockstep-{i}",
+                           "ours" if i % 2 == 0 else "plain") for i in range(runs)]
     ours, plain = [p["ours"] for p in pairs], [p["plain"] for p in pairs]
     seq_ours: list[Child] = []
     seq_plain: list[Child] = []
@@ -145,15 +146,18 @@ def packing(runs: int, workdir: Path, rows: int = 384, padded_batch: int = 16) -
             "max_length": max_length, "lora": LORA}
     packed_cfg = {**base, "packing": True, "hp": hyperparameters(None, packed_batch)}
     padded_cfg = {**base, "packing": False, "hp": hyperparameters(None, padded_batch)}
-    packed: list[Child] = []
-    padded: list[Child] = []
+    pairs = [_run_lockstep({"packed": ("ours", packed_cfg), "padded": ("ours", padded_cfg)}, workdir,
+                           f"packing-lockstep-{i}", "packed" if i % 2 == 0 else "padded") for i in range(runs)]
+    packed, padded = [p["packed"] for p in pairs], [p["padded"] for p in pairs]
+    seq_packed: list[Child] = []
+    seq_padded: list[Child] = []
     for i, side in alternating(runs, ("packed", "padded")):
         cfg = packed_cfg if side == "packed" else padded_cfg
-        (packed if side == "packed" else padded).append(_run("ours", cfg, workdir, f"packing-{side}-{i}"))
-    speedups = [a.result["tokens_per_s"] / b.result["tokens_per_s"] for a, b in zip(packed, padded, strict=True)]
-    cpu = _cpu_ratios(packed, padded)
+        (seq_packed if side == "packed" else seq_padded).append(_run("ours", cfg, workdir, f"packing-{side}-{i}"))
     return {
-        **cpu,
+        **_speedups(packed, padded),
+        "design": "lockstep",
+        "sequential": _speedups(seq_packed, seq_padded),
         "config": {"model": fixtures.MODELS["tiny"], "rows": len(lengths), "max_length": max_length,
                    "padded_batch": padded_batch, "packed_batch": packed_batch, "epochs": 1},
         "token_lengths": {"min": min(lengths), "median": statistics.median(lengths), "mean": round(mean, 1),
@@ -161,12 +165,19 @@ def packing(runs: int, workdir: Path, rows: int = 384, padded_batch: int = 16) -
         "real_tokens": {"packed": packed[0].result["tokens"], "padded": padded[0].result["tokens"],
                         "dataset": sum(lengths)},
         "steps": {"packed": packed[0].result["steps"], "padded": padded[0].result["steps"]},
+        "eval_loss_packed": summary([c.result["eval_loss"] for c in (*packed, *seq_packed)]),
+        "eval_loss_padded": summary([c.result["eval_loss"] for c in (*padded, *seq_padded)]),
+        "base_eval_loss": packed[0].result["base_eval_loss"],
+    }
+
+
+def _speedups(packed: list[Child], padded: list[Child]) -> dict[str, Any]:
+    pairs = list(zip(packed, padded, strict=True))
+    return {
+        **_cpu_ratios(packed, padded),
         "packed_tokens_per_s": summary([c.result["tokens_per_s"] for c in packed]),
         "padded_tokens_per_s": summary([c.result["tokens_per_s"] for c in padded]),
-        "speedup": summary(speedups),
-        "eval_loss_packed": summary([c.result["eval_loss"] for c in packed]),
-        "eval_loss_padded": summary([c.result["eval_loss"] for c in padded]),
-        "base_eval_loss": packed[0].result["base_eval_loss"],
+        "speedup": summary([a.result["tokens_per_s"] / b.result["tokens_per_s"] for a, b in pairs]),
     }
 
 
