@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from finetune_api.spec import FineTuneJobSpec, ModelSpec
 
-from . import uris
+from . import attention, uris
 from .config import Precision
 from .errors import ConfigError
 
@@ -109,6 +109,9 @@ def load_model(spec: FineTuneJobSpec, precision: Precision, workdir: Path) -> Lo
         )
     except OSError as exc:
         raise ConfigError(f"model {m.uri}: cannot load: {exc}") from None
+    if spec.dataset.packing and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        # Padding-free packed rows: SDPA per example instead of over the whole row (attention.py).
+        model.set_attn_implementation(attention.register())
     if m.quantization is not None:
         from peft import prepare_model_for_kbit_training
 
