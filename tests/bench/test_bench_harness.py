@@ -4,6 +4,7 @@ performance is judged by `make bench`, side by side, never by a timed test)."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def test_trainer_benchmarks_run_in_quick_mode_and_write_results(tmp_path: Path) 
     turns = sorted((start, end, side) for side, r in results.items() for start, end in r["windows"])
     assert len(turns) == 8  # 4 steps each
     assert [side for _, _, side in turns] == ["ours", "plain"] * 4  # ours went first in pair 0
-    assert all(later[0] >= earlier[1] for earlier, later in zip(turns, turns[1:], strict=False))
+    assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(turns))
     for r in results.values():
         # Counted: only its own turns, up to the last step's end (not the wait for the twin).
         assert 0 < r["loop_s"] <= sum(end - start for start, end in r["windows"]) + 1e-6
