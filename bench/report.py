@@ -133,9 +133,10 @@ def _overhead(o: dict[str, Any]) -> list[str]:
         "",
         "| | ours | plain TRL | ratio ours/plain |",
         "|---|---|---|---|",
-        *_side_rows(o, "lock-step"),
+        *_paired_rows(o, ("ours", "plain"), "tokens_per_s_ratio", "lock-step", 3),
         f"| median optimizer-step time, plain/ours (lock-step) | | | {fmt(o['median_step_ratio'], 3)} |",
-        *(_side_rows(o["sequential"], "sequential") if "sequential" in o else []),
+        *(_paired_rows(o["sequential"], ("ours", "plain"), "tokens_per_s_ratio", "sequential", 3)
+          if "sequential" in o else []),
         f"| final eval loss | {o['eval_loss_ours']:.6f} | {o['eval_loss_plain']:.6f} | |",
         "",
         f"Training loss, step by step (max absolute difference over all {len(ours)} steps: "
@@ -154,16 +155,20 @@ def _overhead(o: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _side_rows(o: dict[str, Any], design: str) -> list[str]:
-    rows = [f"| tokens/s, training loop ({design}) | {fmt(o['ours_tokens_per_s'], 0)} | "
-            f"{fmt(o['plain_tokens_per_s'], 0)} | {fmt(o['tokens_per_s_ratio'], 3)} |"]
+def _paired_rows(o: dict[str, Any], names: tuple[str, str], ratio: str, design: str, digits: int,
+                 what: str = "tokens") -> list[str]:
+    """Table rows of a `trainer_bench._paired` result: throughput, per CPU-second, memory, wall."""
+    x, y = names
+    rows = [f"| {what}/s, training loop ({design}) | {fmt(o[f'{x}_tokens_per_s'], 0)} | "
+            f"{fmt(o[f'{y}_tokens_per_s'], 0)} | {fmt(o[ratio], digits)} |"]
     if "tokens_per_cpu_s_ratio" in o:
-        rows.append(f"| tokens per CPU-second, same window ({design}) | {fmt(o['a_tokens_per_cpu_s'], 0)} | "
-                    f"{fmt(o['b_tokens_per_cpu_s'], 0)} | {fmt(o['tokens_per_cpu_s_ratio'], 3)} |")
-    rows.append(f"| peak RSS, MiB, whole process ({design}) | {fmt(o['ours_peak_rss_mib'], 0)} | "
-                f"{fmt(o['plain_peak_rss_mib'], 0)} | {fmt(o['peak_rss_ratio'], 3)} |")
-    rows.append(f"| wall time of the process, s ({design}) | {fmt(o['ours_wall_s'], 1)} | "
-                f"{fmt(o['plain_wall_s'], 1)} | |")
+        rows.append(f"| {what} per CPU-second, same window ({design}) | {fmt(o['a_tokens_per_cpu_s'], 0)} | "
+                    f"{fmt(o['b_tokens_per_cpu_s'], 0)} | {fmt(o['tokens_per_cpu_s_ratio'], digits)} |")
+    if f"{x}_peak_rss_mib" in o:
+        rows.append(f"| peak RSS, MiB, whole process ({design}) | {fmt(o[f'{x}_peak_rss_mib'], 0)} | "
+                    f"{fmt(o[f'{y}_peak_rss_mib'], 0)} | {fmt(o['peak_rss_ratio'], 3)} |")
+        rows.append(f"| wall time of the process, s ({design}) | {fmt(o[f'{x}_wall_s'], 1)} | "
+                    f"{fmt(o[f'{y}_wall_s'], 1)} | |")
     return rows
 
 
@@ -184,22 +189,14 @@ def _packing(p: dict[str, Any]) -> list[str]:
         "",
         "| | packed | padded | speedup |",
         "|---|---|---|---|",
-        *_packing_rows(p, "lock-step"),
-        *(_packing_rows(p["sequential"], "sequential") if "sequential" in p else []),
+        *_paired_rows(p, ("packed", "padded"), "speedup", "lock-step", 2, what="real tokens"),
+        *(_paired_rows(p["sequential"], ("packed", "padded"), "speedup", "sequential", 2, what="real tokens")
+          if "sequential" in p else []),
         f"| optimizer steps | {p['steps']['packed']} | {p['steps']['padded']} | |",
         f"| real tokens counted by the Trainer | {p['real_tokens']['packed']} | {p['real_tokens']['padded']} | |",
         f"| final eval loss (base {p['base_eval_loss']:.4f}) | {fmt(p['eval_loss_packed'], 4)} | "
         f"{fmt(p['eval_loss_padded'], 4)} | |",
     ]
-
-
-def _packing_rows(p: dict[str, Any], design: str) -> list[str]:
-    rows = [f"| real (non-pad) tokens/s ({design}) | {fmt(p['packed_tokens_per_s'], 0)} | "
-            f"{fmt(p['padded_tokens_per_s'], 0)} | {fmt(p['speedup'], 2)} |"]
-    if "tokens_per_cpu_s_ratio" in p:
-        rows.append(f"| real tokens per CPU-second ({design}) | {fmt(p['a_tokens_per_cpu_s'], 0)} | "
-                    f"{fmt(p['b_tokens_per_cpu_s'], 0)} | {fmt(p['tokens_per_cpu_s_ratio'], 2)} |")
-    return rows
 
 
 def _startup(s: dict[str, Any]) -> list[str]:

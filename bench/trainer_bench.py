@@ -95,13 +95,13 @@ def overhead(runs: int, steps: int, workdir: Path) -> dict[str, Any]:
     phase_names = sorted({k for c in ours for k in c.result["phases"]})
     everyone = (*ours, *plain, *seq_ours, *seq_plain)
     return {
-        **_side_by_side(ours, plain),
+        **_paired(ours, plain, ("ours", "plain"), "tokens_per_s_ratio"),
         "design": "lockstep",
         # Median optimizer-step time plain/ours: the same comparison without checkpoints and
         # slow outliers (both sides' steps are in the same seconds, so outliers hit both).
         "median_step_ratio": summary([statistics.median(b.result["step_s"]) / statistics.median(a.result["step_s"])
                                       for a, b in zip(ours, plain, strict=True)]),
-        "sequential": _side_by_side(seq_ours, seq_plain),
+        "sequential": _paired(seq_ours, seq_plain, ("ours", "plain"), "tokens_per_s_ratio"),
         "config": {"model": fixtures.MODELS["tiny"], "steps": steps, "batch_size": 8, "max_length": 128,
                    "lora": LORA, "rows": "facts (prompt/completion)"},
         "tokens_per_run": ours[0].result["tokens"],
@@ -115,19 +115,21 @@ def overhead(runs: int, steps: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-def _side_by_side(ours: list[Child], plain: list[Child]) -> dict[str, Any]:
-    """Throughput, CPU and memory of paired runs: each side's medians and the per-pair ratios."""
-    pairs = list(zip(ours, plain, strict=True))
+def _paired(a: list[Child], b: list[Child], names: tuple[str, str], ratio: str) -> dict[str, Any]:
+    """Throughput, CPU and memory of paired runs: each side's medians (keys prefixed with its
+    name) and the per-pair ratio of tokens/s a/b under `ratio`."""
+    pairs = list(zip(a, b, strict=True))
+    x, y = names
     return {
-        **_cpu_ratios(ours, plain),
-        "ours_tokens_per_s": summary([c.result["tokens_per_s"] for c in ours]),
-        "plain_tokens_per_s": summary([c.result["tokens_per_s"] for c in plain]),
-        "tokens_per_s_ratio": summary([a.result["tokens_per_s"] / b.result["tokens_per_s"] for a, b in pairs]),
-        "ours_peak_rss_mib": summary([c.peak_rss_mib for c in ours]),
-        "plain_peak_rss_mib": summary([c.peak_rss_mib for c in plain]),
-        "peak_rss_ratio": summary([a.peak_rss_mib / b.peak_rss_mib for a, b in pairs]),
-        "ours_wall_s": summary([c.wall_s for c in ours]),
-        "plain_wall_s": summary([c.wall_s for c in plain]),
+        **_cpu_ratios(a, b),
+        f"{x}_tokens_per_s": summary([c.result["tokens_per_s"] for c in a]),
+        f"{y}_tokens_per_s": summary([c.result["tokens_per_s"] for c in b]),
+        ratio: summary([p.result["tokens_per_s"] / q.result["tokens_per_s"] for p, q in pairs]),
+        f"{x}_peak_rss_mib": summary([c.peak_rss_mib for c in a]),
+        f"{y}_peak_rss_mib": summary([c.peak_rss_mib for c in b]),
+        "peak_rss_ratio": summary([p.peak_rss_mib / q.peak_rss_mib for p, q in pairs]),
+        f"{x}_wall_s": summary([c.wall_s for c in a]),
+        f"{y}_wall_s": summary([c.wall_s for c in b]),
     }
 
 
@@ -155,9 +157,9 @@ def packing(runs: int, workdir: Path, rows: int = 384, padded_batch: int = 16) -
         cfg = packed_cfg if side == "packed" else padded_cfg
         (seq_packed if side == "packed" else seq_padded).append(_run("ours", cfg, workdir, f"packing-{side}-{i}"))
     return {
-        **_speedups(packed, padded),
+        **_paired(packed, padded, ("packed", "padded"), "speedup"),
         "design": "lockstep",
-        "sequential": _speedups(seq_packed, seq_padded),
+        "sequential": _paired(seq_packed, seq_padded, ("packed", "padded"), "speedup"),
         "config": {"model": fixtures.MODELS["tiny"], "rows": len(lengths), "max_length": max_length,
                    "padded_batch": padded_batch, "packed_batch": packed_batch, "epochs": 1},
         "token_lengths": {"min": min(lengths), "median": statistics.median(lengths), "mean": round(mean, 1),
@@ -168,16 +170,6 @@ def packing(runs: int, workdir: Path, rows: int = 384, padded_batch: int = 16) -
         "eval_loss_packed": summary([c.result["eval_loss"] for c in (*packed, *seq_packed)]),
         "eval_loss_padded": summary([c.result["eval_loss"] for c in (*padded, *seq_padded)]),
         "base_eval_loss": packed[0].result["base_eval_loss"],
-    }
-
-
-def _speedups(packed: list[Child], padded: list[Child]) -> dict[str, Any]:
-    pairs = list(zip(packed, padded, strict=True))
-    return {
-        **_cpu_ratios(packed, padded),
-        "packed_tokens_per_s": summary([c.result["tokens_per_s"] for c in packed]),
-        "padded_tokens_per_s": summary([c.result["tokens_per_s"] for c in padded]),
-        "speedup": summary([a.result["tokens_per_s"] / b.result["tokens_per_s"] for a, b in pairs]),
     }
 
 
