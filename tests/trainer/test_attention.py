@@ -72,3 +72,12 @@ def test_a_packing_run_trains_with_per_example_attention(
     assert result.metrics["train"]["steps"] == 3
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.recipe.trainer.state.log_history if "loss" in h)
     assert (tmp_path / "out" / "adapter_model.safetensors").exists() or any((tmp_path / "out").rglob("*.safetensors"))
+
+
+def test_a_row_is_split_once_per_forward_and_again_when_its_positions_change() -> None:
+    pos = torch.tensor([[0, 1, 0, 1, 2]])
+    assert attention._segments_once(pos) == [(0, 2), (2, 5)]
+    assert attention._segments_once(pos) is attention._segments_once(pos)  # later layers: no new split
+    pos[0, 3:] = torch.tensor([0, 1])  # written in place: the same tensor now holds three examples
+    assert attention._segments_once(pos) == [(0, 2), (2, 3), (3, 5)]
+    assert attention._segments_once(torch.tensor([[0, 1, 2]])) is None

@@ -19,6 +19,19 @@ from typing import Any
 
 PACKED_SDPA = "sdpa_packed"
 
+# Every layer of one forward pass gets the same position_ids tensor: split it once, not per layer
+# (each split reads the positions back to the host, a device sync on GPUs). The tensor's version
+# counter changes on any in-place write, so a reused tensor with new values is split again.
+_last: tuple[Any, int, list[tuple[int, int]] | None] | None = None
+
+
+def _segments_once(position_ids: Any) -> list[tuple[int, int]] | None:
+    global _last
+    version = getattr(position_ids, "_version", 0)
+    if _last is None or _last[0] is not position_ids or _last[1] != version:
+        _last = (position_ids, version, segments(position_ids))
+    return _last[2]
+
 
 def segments(position_ids: Any) -> list[tuple[int, int]] | None:
     """[start, end) of each example in a flattened packed row (positions restart at each one);
@@ -49,7 +62,7 @@ def packed_sdpa_attention(
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = segments(kwargs.get("position_ids"))
+    bounds = _segments_once(kwargs.get("position_ids"))
     # Only a training/prefill pass over the whole row (queries = keys) can be split per example.
     if bounds is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(
