@@ -40,20 +40,16 @@ class Child:
     log: Path
 
 
-def run_child(argv: Sequence[str], log: Path, *, env: dict[str, str] | None = None, timeout: float = 1800) -> Child:
-    """Runs `python -m <argv>` in a fresh process; it writes its result as JSON to $BENCH_RESULT.
-
-    Peak RSS comes from the kernel's rusage of exactly this child (os.wait4), so it covers
-    everything the process did, imports included, and nothing of ours.
-    """
-    return run_children([(argv, log, env)], timeout=timeout)[0]
-
-
 def run_children(
     children: Sequence[tuple[Sequence[str], Path, dict[str, str] | None]], *, timeout: float = 1800
 ) -> list[Child]:
-    """Runs several children at once (see run_child) and waits for all of them; when one fails the
-    others are killed (they may be waiting for it), and the first failure is raised."""
+    """Runs each `python -m <argv>` in a fresh process, all at once, and waits for them; each
+    writes its result as JSON to $BENCH_RESULT. When one fails the others are killed (they may be
+    waiting for it), and the first failure is raised.
+
+    Peak RSS comes from the kernel's rusage of exactly that child (os.wait4), so it covers
+    everything the process did, imports included, and nothing of ours.
+    """
     procs: list[tuple[subprocess.Popen[bytes], Path, float, Any]] = []
     for argv, log, env in children:
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import fixtures
-from .common import Child, run_child, run_children, summary
+from .common import Child, run_children, summary
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 
@@ -32,16 +32,28 @@ def alternating(runs: int, sides: tuple[str, str]) -> list[tuple[int, str]]:
     return [(i, side) for i in range(runs) for side in ((a, b) if i % 2 == 0 else (b, a))]
 
 
-def _run(mode: str, cfg: dict[str, Any], workdir: Path, tag: str) -> Child:
-    run_dir = workdir / tag
+def _fresh(run_dir: Path) -> Path:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    cfg = {**cfg, "output": str(run_dir / "out")}
-    (run_dir / "config.json").write_text(json.dumps(cfg))
-    child = run_child(["-m", "bench.trainer_worker", mode, str(run_dir / "config.json")], run_dir / "run.log")
-    # Keep the log and result; drop the artifact and scratch (models can be large).
+    return run_dir
+
+
+def _worker(mode: str, cfg: dict[str, Any], run_dir: Path) -> tuple[list[str], Path, None]:
+    """A trainer_worker child for run_children: its config (output under run_dir) written there."""
+    (run_dir / "config.json").write_text(json.dumps({**cfg, "output": str(run_dir / "out")}))
+    return ["-m", "bench.trainer_worker", mode, str(run_dir / "config.json")], run_dir / "run.log", None
+
+
+def _drop_outputs(run_dir: Path) -> None:
+    """Keep the log and result; drop the artifact and scratch (models can be large)."""
     shutil.rmtree(run_dir / "out", ignore_errors=True)
     shutil.rmtree(run_dir / "scratch", ignore_errors=True)
+
+
+def _run(mode: str, cfg: dict[str, Any], workdir: Path, tag: str) -> Child:
+    run_dir = _fresh(workdir / tag)
+    child = run_children([_worker(mode, cfg, run_dir)])[0]
+    _drop_outputs(run_dir)
     return child
 
 
@@ -49,26 +61,21 @@ def _run_lockstep(sides: dict[str, tuple[str, dict[str, Any]]], workdir: Path, t
     """Two runs at once, their optimizer steps alternating one at a time (trainer_worker.Turns).
 
     sides: name -> (worker mode, config); `first` names the side that takes the first step."""
-    pair_dir = workdir / tag
-    shutil.rmtree(pair_dir, ignore_errors=True)
-    pair_dir.mkdir(parents=True)
+    pair_dir = _fresh(workdir / tag)
     names = list(sides)
     for name in names:
         os.mkfifo(pair_dir / f"turn-{name}")
     children = []
     for name, (mode, cfg) in sides.items():
         twin = names[1 - names.index(name)]
-        run_dir = pair_dir / name
-        run_dir.mkdir()
         turns = {"me": name, "twin": twin, "dir": str(pair_dir), "first": name == first,
                  "mine": str(pair_dir / f"turn-{name}"), "other": str(pair_dir / f"turn-{twin}")}
-        side_cfg = {**cfg, "output": str(run_dir / "out"), "turns": turns}
-        (run_dir / "config.json").write_text(json.dumps(side_cfg))
-        children.append((["-m", "bench.trainer_worker", mode, str(run_dir / "config.json")], run_dir / "run.log", None))
+        run_dir = pair_dir / name
+        run_dir.mkdir()
+        children.append(_worker(mode, {**cfg, "turns": turns}, run_dir))
     done = run_children(children)
     for name in names:
-        shutil.rmtree(pair_dir / name / "out", ignore_errors=True)
-        shutil.rmtree(pair_dir / name / "scratch", ignore_errors=True)
+        _drop_outputs(pair_dir / name)
     return dict(zip(names, done, strict=True))
 
 

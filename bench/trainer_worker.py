@@ -1,4 +1,4 @@
-"""One training run in a fresh process, for the trainer benchmarks (run by bench.common.run_child).
+"""One training run in a fresh process, for the trainer benchmarks (run by bench.common.run_children).
 
     python -m bench.trainer_worker ours  CONFIG.json   # finetune_trainer.runner.run_job (the lora recipe)
     python -m bench.trainer_worker plain CONFIG.json   # a plain TRL SFTTrainer script, same settings
@@ -12,6 +12,7 @@ not in it) and count tokens the same way (Trainer's num_input_tokens_seen, non-p
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,8 +41,6 @@ class Turns:
     """
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        import os
-
         # O_RDWR: opening never blocks, and writing never fails while the twin has not opened yet.
         self.mine = os.open(cfg["mine"], os.O_RDWR)
         self.other = os.open(cfg["other"], os.O_RDWR)
@@ -61,23 +60,17 @@ class Turns:
         self.take()
 
     def take(self) -> None:
-        import os
-
         if not self.holding:
             os.read(self.mine, 1)
             self.holding = True
 
     def give(self) -> None:
-        import os
-
         if (self.dir / f"done-{self.twin}").exists():
             return  # the twin has finished training: keep the token
         os.write(self.other, b"t")
         self.holding = False
 
     def finish(self) -> None:
-        import os
-
         (self.dir / f"done-{self.me}").touch()  # before the hand-over: the twin then never waits for us
         if self.holding:
             os.write(self.other, b"t")
@@ -85,8 +78,11 @@ class Turns:
         self._wait_for("done")
 
 
-def _loop_timer(turns: Turns | None = None) -> Any:
+def _loop_timer(cfg: dict[str, Any]) -> Any:
+    """The run's LoopTimer; in lock-step with a twin when the config has `turns`."""
     from transformers import TrainerCallback
+
+    turns = Turns(cfg["turns"]) if cfg.get("turns") else None
 
     class LoopTimer(TrainerCallback):  # type: ignore[misc]
         """Times the training loop: from on_train_begin to the last optimizer step's on_step_end.
@@ -210,7 +206,7 @@ def ours(cfg: dict[str, Any]) -> dict[str, Any]:
     _timed(perplexity, "evaluate", phases)
     _timed(sft, "save", phases)
     _timed(output, "publish", phases)
-    timer = _loop_timer(Turns(cfg["turns"]) if cfg.get("turns") else None)
+    timer = _loop_timer(cfg)
     spec = parse_spec(spec_dict(cfg))
     t = time.perf_counter()
     # As in a pod: no progress bar, the metrics endpoint served (any free port), checkpoints on.
@@ -257,7 +253,7 @@ def plain(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     peft_config = LoraConfig(task_type="CAUSAL_LM", r=cfg["lora"]["r"], lora_alpha=cfg["lora"]["alpha"],
                              lora_dropout=cfg["lora"]["dropout"], target_modules="all-linear")
-    timer = _loop_timer(Turns(cfg["turns"]) if cfg.get("turns") else None)
+    timer = _loop_timer(cfg)
     set_seed(hp["seed"])  # before the adapter is initialised, as the recipe does
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds["train"], eval_dataset=ds["eval"],
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
