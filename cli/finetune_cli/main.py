@@ -13,9 +13,9 @@ from .manifests import check_file
 # so that `finetune validate` works with the API package alone.
 #   name -> (module, extra that provides it, help)
 PLUGINS = {
-    "run": ("finetune_trainer.cli", "trainer", "Run a FineTuneJob manifest on this machine (CPU or local GPU)."),
+    "run": ("finetune_trainer.run_manifest", "trainer", "Run a FineTuneJob manifest on this machine (CPU or local GPU)."),
     "train": ("finetune_trainer.entrypoint", "trainer", "Container entry point: train from the spec the operator mounts."),
-    "operator": ("finetune_operator.cli", "operator", "Run the operator against the current kube context."),
+    "operator": ("finetune_operator.operator_cli", "operator", "Run the operator against the current kube context."),
 }
 
 

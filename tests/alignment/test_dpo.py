@@ -11,7 +11,7 @@ import pytest
 import yaml
 from finetune_api.constants import API_VERSION, KIND, METRICS_FILE, ExitCode
 from finetune_api.resource import parse_spec
-from finetune_trainer import cli
+from finetune_trainer import run_manifest
 from finetune_trainer.runner import Overrides, run_job
 
 QUIET = Overrides(serve_metrics=False, progress=False)
@@ -87,7 +87,7 @@ def test_bad_preference_data_is_permanent(make_spec: Callable[..., dict[str, Any
     data = _write(tmp_path / "prefs.jsonl", rows)
     spec = dpo_spec(make_spec, tmp_path / "out", data)
     spec["dataset"]["fields"] = fields
-    code = cli.main([str(_manifest(tmp_path, spec)), "--no-progress", "--metrics-port", "0"])
+    code = run_manifest.main([str(_manifest(tmp_path, spec)), "--no-progress", "--metrics-port", "0"])
     err = capsys.readouterr().err
     assert code == ExitCode.PERMANENT
     assert str(data) in err
