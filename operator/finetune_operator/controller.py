@@ -27,7 +27,8 @@ from finetune_api.status import FineTuneJobStatus
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import builders, status
+from . import builders
+from . import status_rules as status
 from .cache import WatchCache, key_of
 from .k8s import ChildConflict, Kube, api_error_text
 from .metrics import OperatorMetrics

@@ -148,7 +148,7 @@ class Kube:
 
     def restart_pod(self, namespace: str, name: str, reason: str) -> None:
         """Evict a pod (a disruption, not a failure), after noting why on it."""
-        from .status import RESTART_REASON_ANNOTATION
+        from .status_rules import RESTART_REASON_ANNOTATION
 
         _drain(self.core.patch_namespaced_pod(
             name, namespace, {"metadata": {"annotations": {RESTART_REASON_ANNOTATION: reason}}},

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from finetune_api import constants as c
-from finetune_operator.status import RESTART_REASON_ANNOTATION
+from finetune_operator.status_rules import RESTART_REASON_ANNOTATION
 from harness.cluster import STAGE_HOLD, TestCluster, wait_until
 
 from .helm import CHART, REPO, run_helm

@@ -9,14 +9,14 @@ from typing import Any
 from finetune_api import constants as c
 from finetune_api import parse_spec
 from finetune_api.status import FineTuneJobStatus
-from finetune_operator.status import (
+from finetune_operator.status_rules import (
     Observed,
     compute_status,
     get_condition,
     invalid_spec_status,
     milestones,
 )
-from finetune_operator.status import changed as status_changed
+from finetune_operator.status_rules import changed as status_changed
 from operator_specs import job_manifest
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
