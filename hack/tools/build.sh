@@ -6,6 +6,7 @@
 #   kwok kwokctl                                                   (sigs.k8s.io/kwok)
 #   minio                                                          (github.com/minio/minio)
 #   helm                                                           (helm.sh/helm/v3)
+#   prometheus promtool                                            (github.com/prometheus/prometheus)
 #
 # Versions are pinned in hack/tools/versions.env. Each group writes .tools/stamps/<group> holding what
 # it was built from (version and Go version); a group whose binaries exist and whose stamp matches
@@ -112,6 +113,21 @@ build_helm() {
     "$h/cmd/helm@$HELM_VERSION"
 }
 
+prometheus_bins="prometheus promtool"
+prometheus_stamp="github.com/prometheus/prometheus $PROMETHEUS_VERSION tags=remove_all_sd,netgo $RECIPE"
+build_prometheus() {
+  # The module's v0.3XX.Y tags are Prometheus 3.XX.Y. Built without the web UI assets (no
+  # `builtinassets` tag: the UI answers "not built"; the HTTP API works) and with only the file and
+  # http service discovery (`remove_all_sd`: no cloud SDKs or client-go to compile); the tests write
+  # file_sd targets.
+  local v="$PROMETHEUS_VERSION" m p c=github.com/prometheus/common/version
+  m="${v#v0.}"; p="${m#*.}"; m="${m%%.*}"   # v0.316.0 -> 316, 0 -> 3.16.0
+  local ver="3.$((10#$m - 300)).$p"
+  (cd "$TOOLS" && GOBIN="$1" GOFLAGS="-buildvcs=false" go install -trimpath -tags remove_all_sd,netgo \
+     -ldflags "-s -w -X $c.Version=$ver -X $c.Branch=HEAD -X $c.BuildUser=make-tools" \
+     "github.com/prometheus/prometheus/cmd/prometheus@$v" "github.com/prometheus/prometheus/cmd/promtool@$v")
+}
+
 # ---- driver ---------------------------------------------------------------------------------------
 up_to_date() { # <group>
   local g="$1" bins stamp b
@@ -143,7 +159,7 @@ run_group() { # <group>: builds into a scratch dir, then moves the binaries in a
 
 # Heaviest first: the control plane is the long pole; the others share the second lane.
 todo=()
-for g in k8s minio etcd helm kwok; do
+for g in k8s minio prometheus etcd helm kwok; do
   if up_to_date "$g"; then echo "make tools: $g is up to date"; else todo+=("$g"); fi
 done
 [[ ${#todo[@]} -eq 0 ]] && exit 0
