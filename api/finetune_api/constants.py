@@ -84,6 +84,12 @@ TERMINATION_MESSAGE_MAX_BYTES: Final = 4096
 SPEC_MOUNT_DIR: Final = "/etc/finetune"
 SPEC_FILE_NAME: Final = "spec.json"
 SCRATCH_DIR: Final = "/scratch"
+# Where the storage credentials Secret is mounted as files (one per key) when the operator runs with
+# --credentials-as-files instead of passing them as environment variables.
+CREDENTIALS_MOUNT_DIR: Final = "/var/run/secrets/finetune.dev/storage"
+# The uid (and gid) the images run as and the operator's pods ask for: the Dockerfile's `USER`
+# (tests/chart/test_dockerfile.py checks that they agree).
+TRAINER_USER_ID: Final = 10001
 
 
 # --- Environment the operator sets and the trainer reads --------------------------------
@@ -103,6 +109,9 @@ class Env:
     MASTER_ADDR: Final = "FINETUNE_MASTER_ADDR"
     MASTER_PORT: Final = "FINETUNE_MASTER_PORT"
     RDZV_TIMEOUT: Final = "FINETUNE_RDZV_TIMEOUT_SECONDS"
+    # Directory holding the storage credentials as files named after StorageEnv keys (set only with
+    # --credentials-as-files); the trainer reads them from there instead of the environment.
+    CREDENTIALS_DIR: Final = "FINETUNE_CREDENTIALS_DIR"
     # Set by the Job controller for Indexed Jobs; the node rank is taken from it.
     JOB_COMPLETION_INDEX: Final = "JOB_COMPLETION_INDEX"
 
