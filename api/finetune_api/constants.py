@@ -114,6 +114,11 @@ class Env:
     CREDENTIALS_DIR: Final = "FINETUNE_CREDENTIALS_DIR"
     # Set by the Job controller for Indexed Jobs; the node rank is taken from it.
     JOB_COMPLETION_INDEX: Final = "JOB_COMPLETION_INDEX"
+    # The shared model and dataset cache (off when CACHE_DIR is unset): its root, size budget in
+    # bytes, and how hits are verified (sha256 | size).
+    CACHE_DIR: Final = "FINETUNE_CACHE_DIR"
+    CACHE_MAX_BYTES: Final = "FINETUNE_CACHE_MAX_BYTES"
+    CACHE_VERIFY: Final = "FINETUNE_CACHE_VERIFY"
 
 
 # --- Ports ---------------------------------------------------------------------------------
@@ -156,6 +161,10 @@ MERGED_DIR: Final = "merged"
 
 # Where the operator mounts pvc://claim/path sources and outputs: pvc://claim/p -> PVC_MOUNT_ROOT/claim/p.
 PVC_MOUNT_ROOT: Final = "/mnt/pvc"
+# Where the operator mounts the shared model cache in trainer pods (chart value modelCache).
+CACHE_MOUNT_DIR: Final = "/var/cache/finetune"
+# Values of status.modelCache / the termination message's modelCache.
+MODEL_CACHE_OUTCOMES: Final = ("hit", "miss", "refetched")
 
 
 class StorageEnv:
