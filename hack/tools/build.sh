@@ -7,6 +7,7 @@
 #   minio                                                          (github.com/minio/minio)
 #   helm                                                           (helm.sh/helm/v3)
 #   prometheus promtool                                            (github.com/prometheus/prometheus)
+#   kueue (+ its CRDs and webhook manifests in .tools/share/kueue)  (sigs.k8s.io/kueue)
 #
 # Versions are pinned in hack/tools/versions.env. Each group writes .tools/stamps/<group> holding what
 # it was built from (version and Go version); a group whose binaries exist and whose stamp matches
@@ -128,6 +129,23 @@ build_prometheus() {
      "github.com/prometheus/prometheus/cmd/prometheus@$v" "github.com/prometheus/prometheus/cmd/promtool@$v")
 }
 
+kueue_bins="kueue"
+kueue_stamp="sigs.k8s.io/kueue $KUEUE_VERSION $RECIPE"
+build_kueue() {
+  # No replace directives in its go.mod: `go install` of the controller manager (cmd/kueue) with
+  # upstream's version ldflag. The test fixture also needs the CRDs and webhook configurations of
+  # the same release: copied from the module into .tools/share/kueue. (`set -e` does not apply in
+  # here, run_group calls this in an `if`: hence the `|| return`.)
+  local v="$KUEUE_VERSION" p=sigs.k8s.io/kueue dir share="$TOOLS/share/kueue"
+  install_at "$1" "-s -w -X $p/pkg/version.GitVersion=$v" "$p/cmd/kueue@$v" || return
+  dir="$(cd "$TOOLS" && go mod download -json "$p@$v" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  [[ -d "$dir/config/components/crd/bases" ]] || { echo "no CRDs in the module of $p@$v ($dir)"; return 1; }
+  rm -rf "$share" && mkdir -p "$share/crds" || return
+  cp "$dir"/config/components/crd/bases/*.yaml "$share/crds/" || return
+  cp "$dir/config/components/webhook/manifests.yaml" "$share/webhooks.yaml" || return
+  chmod -R u+w "$share" && printf '%s\n' "$v" >"$share/VERSION"
+}
+
 # ---- driver ---------------------------------------------------------------------------------------
 up_to_date() { # <group>
   local g="$1" bins stamp b
@@ -159,7 +177,7 @@ run_group() { # <group>: builds into a scratch dir, then moves the binaries in a
 
 # Heaviest first: the control plane is the long pole; the others share the second lane.
 todo=()
-for g in k8s minio prometheus etcd helm kwok; do
+for g in k8s minio prometheus kueue etcd helm kwok; do
   if up_to_date "$g"; then echo "make tools: $g is up to date"; else todo+=("$g"); fi
 done
 [[ ${#todo[@]} -eq 0 ]] && exit 0
