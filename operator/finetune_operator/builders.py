@@ -8,7 +8,9 @@ batch/v1 Job running one trainer pod per node.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from finetune_api import constants as c
@@ -23,7 +25,7 @@ TRAINER_COMMAND = ["finetune", "train"]
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 # Job condition reason/type names of batch/v1 that the operator reads.
 DISRUPTION_TARGET = "DisruptionTarget"
-USER_ID = 1000
+USER_ID = c.TRAINER_USER_ID
 # Writable places under a read-only root filesystem.
 TMP_DIR = "/tmp"
 SHM_DIR = "/dev/shm"
@@ -65,12 +67,55 @@ class Owner:
         )
 
 
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+def check_quantity(value: str) -> str:
+    """`value` when it is a plain Kubernetes quantity (number and optional suffix), else ValueError."""
+    if not _QUANTITY.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
+    return value
+
+
+def scale_quantity(value: str, times: int) -> str:
+    """`times` x a quantity, in the same unit: ("64Gi", 8) -> "512Gi"."""
+    m = _QUANTITY.match(value)
+    if m is None:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
+    number = Decimal(m.group(1)) * times
+    text = format(number.normalize(), "f") if number != number.to_integral_value() else str(int(number))
+    return text + (m.group(2) or "")
+
+
+@dataclass(frozen=True)
+class PodDefaults:
+    """What a trainer pod gets when the spec does not say (chart `trainerPods`, operator flags).
+
+    CPU and memory a job does not set are requested per GPU (or the CPU-only amounts), so the
+    scheduler reserves what a GPU worker needs (data loading, NCCL buffers, a CPU copy of the
+    weights) instead of packing GPU pods onto a node with `resources: {}`.
+    """
+
+    cpu_per_gpu: str = "8"
+    memory_per_gpu: str = "64Gi"
+    cpu_without_gpu: str = "2"
+    memory_without_gpu: str = "8Gi"
+    # /dev/shm is memory: bounded so a runaway DataLoader cannot take the node's RAM.
+    shm_size: str = "16Gi"
+    # /scratch holds the base model, the artifact and checkpoints before upload; also the pod's
+    # ephemeral-storage request (the scheduler then places it on a node with that much disk).
+    scratch_size: str = "200Gi"
+    # Mount the credentials Secret as files (Env.CREDENTIALS_DIR) instead of environment variables.
+    credentials_as_files: bool = False
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     """Operator-wide inputs of the builders."""
 
     trainer_image: str
     propagate_prefixes: tuple[str, ...] = ()
+    pod_defaults: PodDefaults = PodDefaults()
 
 
 @dataclass(frozen=True)
@@ -181,7 +226,7 @@ def _env(name: str, value: Any) -> dict[str, Any]:
     return {"name": name, "value": str(value)}
 
 
-def build_env(owner: Owner, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+def build_env(owner: Owner, spec: FineTuneJobSpec, credentials_as_files: bool = False) -> list[dict[str, Any]]:
     res = spec.resources
     env: list[dict[str, Any]] = [
         _env(c.Env.SPEC_PATH, f"{c.SPEC_MOUNT_DIR}/{c.SPEC_FILE_NAME}"),
@@ -202,7 +247,10 @@ def build_env(owner: Owner, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     ]
     env += [_env(k, v) for k, v in CACHE_ENV.items()]
     secret = spec.output.credentials_secret
-    if secret is not None:
+    if secret is not None and credentials_as_files:
+        # The Secret is a volume (build_volumes): values never appear in the process environment.
+        env.append(_env(c.Env.CREDENTIALS_DIR, c.CREDENTIALS_MOUNT_DIR))
+    elif secret is not None:
         # Credentials travel only as references to the user's Secret, never as values.
         env += [
             {"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key, "optional": optional}}}
@@ -211,16 +259,29 @@ def build_env(owner: Owner, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     return env
 
 
-def build_resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+def scratch_size(spec: FineTuneJobSpec, defaults: PodDefaults) -> str:
+    return defaults.scratch_size
+
+
+def build_resources(spec: FineTuneJobSpec, defaults: PodDefaults = PodDefaults()) -> dict[str, Any]:
+    """Set in the spec: request = limit. Defaulted: a request only (reserved for the pod; it may
+    use idle capacity above it rather than be throttled or OOM-killed at a guessed figure)."""
     res = spec.resources
-    amounts: dict[str, str] = {}
-    if res.cpu is not None:
-        amounts["cpu"] = res.cpu
-    if res.memory is not None:
-        amounts["memory"] = res.memory
-    if res.gpus_per_node > 0:
-        amounts[c.GPU_RESOURCE] = str(res.gpus_per_node)
-    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+    gpus = res.gpus_per_node
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    for name, given, per_gpu, without_gpu in (
+        ("cpu", res.cpu, defaults.cpu_per_gpu, defaults.cpu_without_gpu),
+        ("memory", res.memory, defaults.memory_per_gpu, defaults.memory_without_gpu),
+    ):
+        if given is not None:
+            requests[name] = limits[name] = given
+        else:
+            requests[name] = scale_quantity(per_gpu, gpus) if gpus > 0 else without_gpu
+    requests["ephemeral-storage"] = scratch_size(spec, defaults)
+    if gpus > 0:
+        requests[c.GPU_RESOURCE] = limits[c.GPU_RESOURCE] = str(gpus)
+    return {"requests": requests, "limits": limits} if limits else {"requests": requests}
 
 
 def build_tolerations(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
@@ -247,13 +308,17 @@ def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
     return claims
 
 
-def build_volumes(owner: Owner, spec: FineTuneJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def build_volumes(
+    owner: Owner, spec: FineTuneJobSpec, defaults: PodDefaults = PodDefaults()
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     volumes: list[dict[str, Any]] = [
         {"name": "spec", "configMap": {"name": config_map_name(owner.name)}},
-        {"name": "scratch", "emptyDir": {}},
+        # Past its sizeLimit the kubelet evicts the pod (retried, resumed from the last checkpoint).
+        {"name": "scratch", "emptyDir": {"sizeLimit": scratch_size(spec, defaults)}},
         {"name": "tmp", "emptyDir": {}},
-        # NCCL and DataLoader workers share memory through /dev/shm; the default 64Mi is too small.
-        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        # NCCL and DataLoader workers share memory through /dev/shm; the default 64Mi is too small,
+        # and an unbounded one is the node's RAM.
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": defaults.shm_size}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "spec", "mountPath": c.SPEC_MOUNT_DIR, "readOnly": True},
@@ -261,6 +326,13 @@ def build_volumes(owner: Owner, spec: FineTuneJobSpec) -> tuple[list[dict[str, A
         {"name": "tmp", "mountPath": TMP_DIR},
         {"name": "shm", "mountPath": SHM_DIR},
     ]
+    secret = spec.output.credentials_secret
+    if secret is not None and defaults.credentials_as_files:
+        # Every key becomes a file named after it (no `items`: a listed key that the Secret lacks,
+        # such as the optional AWS_REGION, would fail the mount). Readable by the pod's fsGroup.
+        volumes.append({"name": "credentials",
+                        "secret": {"secretName": secret.name, "optional": False, "defaultMode": 0o440}})
+        mounts.append({"name": "credentials", "mountPath": c.CREDENTIALS_MOUNT_DIR, "readOnly": True})
     for i, (claim, writable) in enumerate(sorted(pvc_claims(spec).items())):
         vol = f"pvc-{i}"
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
@@ -289,17 +361,18 @@ def build_pod_failure_policy() -> dict[str, Any]:
 
 def build_pod_template(owner: Owner, spec: FineTuneJobSpec, options: BuildOptions) -> dict[str, Any]:
     res = spec.resources
-    volumes, mounts = build_volumes(owner, spec)
+    defaults = options.pod_defaults
+    volumes, mounts = build_volumes(owner, spec, defaults)
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": spec.image or options.trainer_image,
         "command": list(TRAINER_COMMAND),
-        "env": build_env(owner, spec),
+        "env": build_env(owner, spec, defaults.credentials_as_files),
         "ports": [
             {"name": "metrics", "containerPort": c.TRAINER_METRICS_PORT, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": c.RENDEZVOUS_PORT, "protocol": "TCP"},
         ],
-        "resources": build_resources(spec),
+        "resources": build_resources(spec, defaults),
         "volumeMounts": mounts,
         "terminationMessagePath": c.TERMINATION_LOG_PATH,
         "terminationMessagePolicy": "File",

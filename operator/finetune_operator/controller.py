@@ -27,7 +27,7 @@ from finetune_api.status import FineTuneJobStatus
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import builders
+from . import builders, policy
 from . import status_rules as status
 from .cache import WatchCache, key_of
 from .k8s import ChildConflict, Kube, api_error_text
@@ -77,7 +77,8 @@ class Controller:
         self.kube = kube
         self.settings = settings
         self.metrics = metrics
-        self.options = builders.BuildOptions(settings.trainer_image, settings.propagate_prefixes)
+        self.options = builders.BuildOptions(settings.trainer_image, settings.propagate_prefixes, settings.pod_defaults)
+        self.policy = settings.policy()
         # Weak: a lock lives while someone holds or waits on it, so deleted jobs leave nothing behind
         # and no reconcile can lose its lock to a clean-up while it runs.
         self._locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
@@ -299,7 +300,11 @@ class Controller:
         if held is not None and held[0] == version:
             return held[1]
         try:
-            spec: FineTuneJobSpec | ManifestError = parse_spec(body.get("spec"))
+            parsed = parse_spec(body.get("spec"))
+            # The platform's policy (image, priority, placement) refuses like a schema error: before
+            # any child exists, with the InvalidSpec condition and event.
+            refused = policy.violations(parsed, self.policy)
+            spec: FineTuneJobSpec | ManifestError = ManifestError(refused) if refused else parsed
         except ManifestError as exc:
             spec = exc
         self._specs[key] = (version, spec)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from finetune_api.constants import OPERATOR_HEALTH_PORT, OPERATOR_METRICS_PORT
+from finetune_api.constants import CREDENTIALS_MOUNT_DIR, OPERATOR_HEALTH_PORT, OPERATOR_METRICS_PORT
+
+from .builders import PodDefaults, check_quantity
+from .policy import DEFAULT_NODE_SELECTOR_KEYS, DEFAULT_TOLERATION_KEYS, Policy
 
 ENV_PREFIX = "FINETUNE_OPERATOR_"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
@@ -39,6 +42,22 @@ class Settings:
     scrape_url_annotation: str | None = None
     # Bind address of the metrics and health servers.
     bind_address: str = "0.0.0.0"
+    # The platform's policy (policy.py): what a FineTuneJob may ask for besides the defaults.
+    allowed_images: tuple[str, ...] = ()
+    allowed_priority_classes: tuple[str, ...] = ()
+    allowed_toleration_keys: tuple[str, ...] = DEFAULT_TOLERATION_KEYS
+    allowed_node_selector_keys: tuple[str, ...] = DEFAULT_NODE_SELECTOR_KEYS
+    # Trainer pod defaults: requests per GPU, emptyDir sizes, credentials as files.
+    pod_defaults: PodDefaults = field(default_factory=PodDefaults)
+
+    def policy(self) -> Policy:
+        return Policy(
+            trainer_image=self.trainer_image,
+            allowed_images=self.allowed_images,
+            allowed_priority_classes=self.allowed_priority_classes,
+            allowed_toleration_keys=self.allowed_toleration_keys,
+            allowed_node_selector_keys=self.allowed_node_selector_keys,
+        )
 
 
 def _env(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -47,6 +66,23 @@ def _env(env: Mapping[str, str], name: str, default: str | None = None) -> str |
 
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _quantity(value: str) -> str:
+    try:
+        return check_quantity(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _list_flag(p: argparse._ActionsContainer, env: Mapping[str, str], name: str, default: tuple[str, ...],
+               help: str) -> None:
+    """A comma-separated list; an empty value means none (so a default list can be emptied)."""
+    env_name = name.upper().replace("-", "_")
+    value = _env(env, env_name)
+    p.add_argument(f"--{name}", type=lambda v: tuple(_split(v)),
+                   default=tuple(_split(value)) if value is not None else default,
+                   help=f"{help} Comma-separated; empty for none (default: {','.join(default) or 'none'}).")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -90,6 +126,33 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="Copy FineTuneJob annotations and labels with this key prefix onto the trainer pods.")
     p.add_argument("--scrape-url-annotation", default=_env(env, "SCRAPE_URL_ANNOTATION"),
                    help="Pod annotation that overrides the trainer metrics URL (for tests with fake pods).")
+    pol = p.add_argument_group("policy", "What a FineTuneJob may ask for; anything else fails it with InvalidSpec.")
+    _list_flag(pol, env, "allowed-images", (),
+               "Images spec.image may name besides --trainer-image: exact references, a repository without "
+               "tag (any tag or digest of it), or a prefix ending in '/'.")
+    _list_flag(pol, env, "allowed-priority-classes", (), "PriorityClasses spec.resources.priorityClassName may name.")
+    _list_flag(pol, env, "allowed-toleration-keys", DEFAULT_TOLERATION_KEYS,
+               "Taint keys spec.resources.tolerations may tolerate (never control-plane taints).")
+    _list_flag(pol, env, "allowed-node-selector-keys", DEFAULT_NODE_SELECTOR_KEYS,
+               "Node labels spec.resources.nodeSelector may use (never control-plane labels).")
+    pods = p.add_argument_group("trainer pods", "Defaults of the pods the operator creates.")
+    d = PodDefaults()
+    for flag, default, what in (
+        ("cpu-per-gpu", d.cpu_per_gpu, "CPU request per GPU when spec.resources.cpu is not set."),
+        ("memory-per-gpu", d.memory_per_gpu, "Memory request per GPU when spec.resources.memory is not set."),
+        ("cpu-without-gpu", d.cpu_without_gpu, "CPU request of a pod without GPUs when spec.resources.cpu is not set."),
+        ("memory-without-gpu", d.memory_without_gpu,
+         "Memory request of a pod without GPUs when spec.resources.memory is not set."),
+        ("shm-size", d.shm_size, "sizeLimit of the in-memory /dev/shm."),
+        ("scratch-size", d.scratch_size,
+         "sizeLimit of /scratch and the pod's ephemeral-storage request, unless the spec sets it."),
+    ):
+        pods.add_argument(f"--trainer-{flag}", type=_quantity,
+                          default=_env(env, "TRAINER_" + flag.upper().replace("-", "_"), default), help=what)
+    pods.add_argument("--credentials-as-files", action="store_true",
+                      default=_env(env, "CREDENTIALS_AS_FILES", "") in ("1", "true", "yes"),
+                      help=f"Mount the output's credentials Secret as files under {CREDENTIALS_MOUNT_DIR} "
+                      "instead of passing its keys as environment variables.")
     return p
 
 
@@ -112,6 +175,19 @@ def parse_settings(argv: list[str], env: Mapping[str, str] | None = None) -> Set
         propagate_prefixes=tuple(args.propagate_prefix),
         scrape_url_annotation=args.scrape_url_annotation,
         bind_address=args.bind_address,
+        allowed_images=args.allowed_images,
+        allowed_priority_classes=args.allowed_priority_classes,
+        allowed_toleration_keys=args.allowed_toleration_keys,
+        allowed_node_selector_keys=args.allowed_node_selector_keys,
+        pod_defaults=PodDefaults(
+            cpu_per_gpu=args.trainer_cpu_per_gpu,
+            memory_per_gpu=args.trainer_memory_per_gpu,
+            cpu_without_gpu=args.trainer_cpu_without_gpu,
+            memory_without_gpu=args.trainer_memory_without_gpu,
+            shm_size=args.trainer_shm_size,
+            scratch_size=args.trainer_scratch_size,
+            credentials_as_files=bool(args.credentials_as_files),
+        ),
     )
 
 

@@ -73,7 +73,7 @@ def test_indexed_job_has_one_pod_per_node_with_gpus_and_rendezvous_env() -> None
     assert container["image"] == "registry.local/trainer:1"
     assert container["command"] == ["finetune", "train"]
     amounts = {"cpu": "16", "memory": "64Gi", c.GPU_RESOURCE: "8"}
-    assert container["resources"] == {"requests": amounts, "limits": amounts}
+    assert container["resources"] == {"requests": {**amounts, "ephemeral-storage": "200Gi"}, "limits": amounts}
     assert {"key": c.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     env = env_of(built.job)
     assert env[c.Env.NUM_NODES]["value"] == "3"
@@ -123,7 +123,7 @@ def test_pod_runs_restricted_with_writable_scratch_only() -> None:
     sc = pod["containers"][0]["securityContext"]
     assert sc == {
         "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-        "runAsUser": 1000, "capabilities": {"drop": ["ALL"]},
+        "runAsUser": c.TRAINER_USER_ID, "capabilities": {"drop": ["ALL"]},
     }
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert {c.SCRATCH_DIR, "/tmp"} <= mounts
