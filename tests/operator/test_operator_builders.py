@@ -8,13 +8,17 @@ from typing import Any
 import pytest
 from finetune_api import constants as c
 from finetune_api import parse_spec
+from finetune_cli.manifests import load_job
 from finetune_operator.builders import (
     COMPLETION_INDEX_ANNOTATION,
     BuildOptions,
     Owner,
+    PodDefaults,
     build_children,
     desired_suspend,
+    scale_quantity,
 )
+from operator_harness import REPO
 from operator_specs import job_manifest
 
 OWNER = Owner(name="tune", namespace="team-a", uid="1234-uid")
@@ -199,3 +203,77 @@ def test_only_prefixed_annotations_and_labels_reach_the_pods() -> None:
     assert "team" not in tmpl["metadata"]["labels"]
     plain = build_children(owner, spec, BuildOptions("img")).job["spec"]["template"]
     assert "annotations" not in plain["metadata"]
+
+
+# --- pod resources and volumes the platform sizes (PodDefaults) ----------------------------------
+
+
+def pod_of(spec_overrides: dict[str, Any], defaults: PodDefaults | None = None) -> dict[str, Any]:
+    spec = parse_spec(job_manifest("tune", **spec_overrides)["spec"])
+    options = BuildOptions(trainer_image="registry.local/trainer:1", pod_defaults=defaults or PodDefaults())
+    built = build_children(OWNER, spec, options)
+    return dict(built.job["spec"]["template"]["spec"])
+
+
+def test_cpu_and_memory_not_in_the_spec_are_requested_per_gpu() -> None:
+    defaults = PodDefaults(cpu_per_gpu="12", memory_per_gpu="96Gi", cpu_without_gpu="3", memory_without_gpu="6Gi")
+    unset = {"cpu": None, "memory": None}  # the test manifest sets both
+    pod = pod_of({"resources": {"gpusPerNode": 8, **unset}}, defaults)
+    # Requests only: what the scheduler reserves; no guessed limit to throttle or OOM-kill at.
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "96", "memory": "768Gi", "ephemeral-storage": "200Gi", c.GPU_RESOURCE: "8"},
+        "limits": {c.GPU_RESOURCE: "8"},
+    }
+    cpu_only = pod_of({"resources": {"gpusPerNode": 0, **unset}}, defaults)
+    assert cpu_only["containers"][0]["resources"] == {
+        "requests": {"cpu": "3", "memory": "6Gi", "ephemeral-storage": "200Gi"}}
+
+
+def test_what_the_spec_sets_wins_and_the_rest_is_defaulted() -> None:
+    """examples/full.yaml once asked for 8 GPUs and 1000Gi with no CPU: the CPU is defaulted."""
+    pod = pod_of({"resources": {"gpusPerNode": 8, "cpu": None, "memory": "1000Gi"}}, PodDefaults(cpu_per_gpu="500m"))
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "4000m", "memory": "1000Gi", "ephemeral-storage": "200Gi", c.GPU_RESOURCE: "8"},
+        "limits": {"memory": "1000Gi", c.GPU_RESOURCE: "8"},
+    }
+
+
+def test_full_example_gets_cpu_memory_and_disk() -> None:
+    job = load_job(REPO / "examples" / "full.yaml")
+    built = build_children(OWNER, job.spec, OPTIONS)
+    requests = built.job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert {"cpu", "memory", "ephemeral-storage", c.GPU_RESOURCE} <= set(requests)
+
+
+@pytest.mark.parametrize(("value", "times", "want"), [
+    ("8", 8, "64"), ("500m", 3, "1500m"), ("64Gi", 8, "512Gi"), ("1.5", 3, "4.5"), ("0.25", 4, "1")])
+def test_scale_quantity(value: str, times: int, want: str) -> None:
+    assert scale_quantity(value, times) == want
+
+
+def test_shm_and_scratch_have_size_limits() -> None:
+    pod = pod_of({}, PodDefaults(shm_size="4Gi", scratch_size="300Gi"))
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "4Gi"}
+    assert volumes["scratch"]["emptyDir"] == {"sizeLimit": "300Gi"}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["scratch"] == c.SCRATCH_DIR and mounts["shm"] == "/dev/shm"
+    assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "300Gi"
+
+
+def test_credentials_as_files_mount_the_secret_and_leave_the_environment_clean() -> None:
+    pod = pod_of({}, PodDefaults(credentials_as_files=True))
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert not any(k in env for k in c.StorageEnv.ALL)
+    assert not any("secretKeyRef" in (e.get("valueFrom") or {}) for e in container["env"])
+    assert env[c.Env.CREDENTIALS_DIR]["value"] == c.CREDENTIALS_MOUNT_DIR
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "s3-creds" and volume["secret"]["defaultMode"] == 0o440
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount == {"name": volume["name"], "mountPath": c.CREDENTIALS_MOUNT_DIR, "readOnly": True}
+    # Without a credentials Secret there is nothing to mount.
+    bare = pod_of({"output": {"uri": "s3://out/run-1", "credentialsSecret": None}},
+                  PodDefaults(credentials_as_files=True))
+    assert not [v for v in bare["volumes"] if "secret" in v]
+    assert c.Env.CREDENTIALS_DIR not in {e["name"] for e in bare["containers"][0]["env"]}
