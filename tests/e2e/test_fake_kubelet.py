@@ -87,3 +87,67 @@ def test_fake_kubelet_runs_the_pod_and_reports_its_exit(
         60,
         f"the Job's {condition} condition",
     )
+
+
+TERM_SCRIPT = """
+import os, signal, sys, time
+def on_term(signum, frame):
+    open(os.environ["FINETUNE_TERMINATION_LOG"], "w").write("got SIGTERM")
+    if os.environ["ON_TERM"] == "exit":
+        sys.exit(43)
+signal.signal(signal.SIGTERM, on_term)
+print("running", flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize(("on_term", "code"), [("exit", 43), ("ignore", 137)])
+def test_fake_kubelet_stops_a_deleted_pod_like_a_kubelet(
+    cluster: Any, namespace: str, k8s_client: Any, tmp_path: Path, on_term: str, code: int
+) -> None:
+    """Deleting a running pod: SIGTERM; SIGKILL after the grace period if still running; then the
+    terminal status (exit code, termination message) and the pod object removed."""
+    import threading
+    import time
+
+    manifest = gpu_job_manifest("term", labels={STAGE_KWOK_SKIP: "true"})
+    pod_spec = manifest["spec"]["template"]["spec"]
+    grace = 3 if code == 137 else 30
+    pod_spec["terminationGracePeriodSeconds"] = grace
+    pod_spec["containers"][0].update({
+        "command": [Path(sys.executable).name, "-c", TERM_SCRIPT],
+        "env": [{"name": "ON_TERM", "value": on_term}],
+    })
+    with FakeKubelet(k8s_client, namespace, tmp_path, path=[str(Path(sys.executable).parent)]) as kubelet:
+        cluster.apply(manifest, namespace=namespace)
+        (pod_name,) = wait_until(lambda: [n for n, p in kubelet.logs.items()
+                                          if "running" in p.read_text()], 120, "the pod's process to run")
+        # The kubelet reports the terminal status, then removes the pod: watch for it meanwhile.
+        seen: dict[str, Any] = {}
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set() and not seen:
+                code_, pod = cluster.api_get(f"/api/v1/namespaces/{namespace}/pods/{pod_name}")
+                for cs in ((pod.get("status") or {}).get("containerStatuses") or []) if code_ == 200 else []:
+                    if "terminated" in cs.get("state", {}):
+                        seen.update(phase=pod["status"]["phase"], **cs["state"]["terminated"])
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        start = time.monotonic()
+        cluster.kubectl("delete", "pod", pod_name, "-n", namespace, "--wait=false")
+        done = kubelet.wait_for(pod_count=1, timeout=60)
+        elapsed = time.monotonic() - start
+        assert done == {pod_name: code}
+        if code == 137:
+            assert elapsed >= grace, f"SIGKILL before the {grace} s grace period ({elapsed:.1f} s)"
+        else:
+            assert elapsed < grace, f"a process that exits on SIGTERM was not let go before SIGKILL ({elapsed:.1f} s)"
+        wait_until(lambda: not cluster.kubectl("get", "pod", pod_name, "-n", namespace, "--ignore-not-found",
+                                               "-o", "name").stdout.strip(), 30, "the pod object to be removed")
+        stop.set()
+        watcher.join(5)
+        assert (seen.get("phase"), seen.get("exitCode"), seen.get("message")) == ("Failed", code, "got SIGTERM"), seen

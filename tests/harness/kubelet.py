@@ -13,6 +13,12 @@ helper plays the kubelet for exactly those. For each such pod, once the schedule
 5. writes phase Succeeded/Failed and containerStatuses[0].state.terminated {exitCode, reason,
    message} through the pods/status subresource, as a kubelet does.
 
+When such a pod is deleted while its process runs (a Job suspended by Kueue, an eviction), it
+does what a kubelet does: SIGTERM to the container's main process, SIGKILL to all of its processes
+once the grace period (the deletion's, else the pod's terminationGracePeriodSeconds, else 30 s)
+has passed, then the terminal status as above, then it removes the pod object (delete with grace
+period 0; the Job controller's finalizer may hold it a moment longer).
+
     with FakeKubelet(api_client, namespace, workdir, path=[venv_bin]) as kubelet:
         ...  # create a Job whose pod template has the label
         kubelet.wait_for(pod_count=1)
@@ -21,8 +27,10 @@ helper plays the kubelet for exactly those. For each such pod, once the schedule
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -61,6 +69,9 @@ class FakeKubelet:
         self.handled: dict[str, int | None] = {}  # pod name -> exit code (None while running)
         self.logs: dict[str, Path] = {}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Pods whose deletion was seen: name -> monotonic time the SIGTERM was sent.
+        self.terminated_at: dict[str, float] = {}
+        self.deleting: set[str] = set()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="fake-kubelet", daemon=True)
@@ -110,12 +121,66 @@ class FakeKubelet:
                 continue
             for pod in pods:
                 name = pod.metadata.name
-                if name in self.handled or not pod.spec.node_name or pod.metadata.deletion_timestamp:
+                if pod.metadata.deletion_timestamp:
+                    self._deleted(pod)
+                    continue
+                if name in self.handled or not pod.spec.node_name:
                     continue
                 with self._lock:
                     self.handled[name] = None
                 threading.Thread(target=self._run_pod_safely, args=(pod,), daemon=True).start()
             self._stop.wait(self.poll_s)
+
+    def _deleted(self, pod: Any) -> None:
+        """A pod being deleted: stop its process as a kubelet does (once per pod)."""
+        name = pod.metadata.name
+        with self._lock:
+            if name in self.deleting:
+                return
+            self.deleting.add(name)
+            proc = self._procs.get(name)
+            started = name in self.handled
+        if proc is None and started:
+            # Its thread is about to start the process: look again at the next poll.
+            with self._lock:
+                self.deleting.discard(name)
+            return
+        grace = pod.metadata.deletion_grace_period_seconds
+        if grace is None:
+            grace = pod.spec.termination_grace_period_seconds
+        if grace is None:
+            grace = 30
+        if proc is None:
+            # Never started here (deleted before it was bound or picked up): nothing to stop.
+            with self._lock:
+                self.handled.setdefault(name, None)
+            threading.Thread(target=self._remove, args=(name,), daemon=True).start()
+            return
+        threading.Thread(target=self._terminate, args=(name, proc, float(grace)), daemon=True).start()
+
+    def _terminate(self, name: str, proc: subprocess.Popen[bytes], grace: float) -> None:
+        if proc.poll() is not None:
+            return
+        self.terminated_at[name] = time.monotonic()
+        # The container's main process gets SIGTERM (it forwards it to its children, if any)...
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            # ...and when the grace period is over, every process of the container gets SIGKILL.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def _remove(self, name: str) -> None:
+        """The kubelet's last word on a deleted pod: remove the object (grace period 0)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     def _run_pod_safely(self, pod: Any) -> None:
         try:
@@ -180,6 +245,9 @@ class FakeKubelet:
             )
         with self._lock:
             self.handled[name] = code
+            deleting = name in self.deleting
+        if deleting and not self._stop.is_set():
+            self._remove(name)
 
     def _materialize_volumes(self, pod: Any, container: Any, root: Path) -> dict[str, Path]:
         """mountPath -> local dir holding the volume's content."""
