@@ -429,6 +429,11 @@ class Resources(ApiModel):
         None, description="Extra tolerations (GPU taints are tolerated already)."
     )
     priority_class_name: ShortStr | None = Field(None, description="PriorityClass of the pods.")
+    ephemeral_storage: Quantity | None = Field(
+        None,
+        description="Local disk per pod for /scratch (base model, artifact and checkpoints before upload): its size "
+        "limit and the pod's ephemeral-storage request. Default: the operator's (chart trainerPods.scratchSize).",
+    )
 
 
 class DeepSpeedParams(ApiModel):

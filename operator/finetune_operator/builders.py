@@ -23,6 +23,8 @@ TRAINER_CONTAINER = "trainer"
 TRAINER_COMMAND = ["finetune", "train"]
 # Set by the Job controller on every pod of an Indexed Job.
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+# Set by the API server on a Job's selector and pod template (so on every pod of the Job): its uid.
+JOB_CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
 # Job condition reason/type names of batch/v1 that the operator reads.
 DISRUPTION_TARGET = "DisruptionTarget"
 USER_ID = c.TRAINER_USER_ID
@@ -204,7 +206,14 @@ def build_config_map(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
     }
 
 
-def build_service(owner: Owner) -> dict[str, Any]:
+def service_selector(owner: Owner, job_uid: str | None) -> dict[str, str]:
+    """The rendezvous Service selects the pods of this FineTuneJob's Job only: by the uid label the
+    Job controller puts on them, not by our labels, which any pod in the namespace can carry."""
+    return {**selector_labels(owner), **({JOB_CONTROLLER_UID_LABEL: job_uid} if job_uid else {})}
+
+
+def build_service(owner: Owner, job_uid: str | None = None) -> dict[str, Any]:
+    """`job_uid`: the uid of the Job, once it exists (the operator creates the Service after it)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -213,7 +222,7 @@ def build_service(owner: Owner) -> dict[str, Any]:
             "clusterIP": "None",
             # Rank 0's address must resolve before it is Ready: the other ranks dial it at start.
             "publishNotReadyAddresses": True,
-            "selector": selector_labels(owner),
+            "selector": service_selector(owner, job_uid),
             "ports": [
                 {"name": "rendezvous", "port": c.RENDEZVOUS_PORT, "targetPort": c.RENDEZVOUS_PORT},
                 {"name": "metrics", "port": c.TRAINER_METRICS_PORT, "targetPort": c.TRAINER_METRICS_PORT},
@@ -260,7 +269,7 @@ def build_env(owner: Owner, spec: FineTuneJobSpec, credentials_as_files: bool = 
 
 
 def scratch_size(spec: FineTuneJobSpec, defaults: PodDefaults) -> str:
-    return defaults.scratch_size
+    return spec.resources.ephemeral_storage or defaults.scratch_size
 
 
 def build_resources(spec: FineTuneJobSpec, defaults: PodDefaults = PodDefaults()) -> dict[str, Any]:
@@ -451,9 +460,11 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, options: BuildOptions) -> dic
     }
 
 
-def build_children(owner: Owner, spec: FineTuneJobSpec, options: BuildOptions) -> Children:
+def build_children(
+    owner: Owner, spec: FineTuneJobSpec, options: BuildOptions, job_uid: str | None = None
+) -> Children:
     return Children(
         config_map=build_config_map(owner, spec),
-        service=build_service(owner),
+        service=build_service(owner, job_uid),
         job=build_job(owner, spec, options),
     )

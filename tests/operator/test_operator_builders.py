@@ -277,3 +277,9 @@ def test_credentials_as_files_mount_the_secret_and_leave_the_environment_clean()
                   PodDefaults(credentials_as_files=True))
     assert not [v for v in bare["volumes"] if "secret" in v]
     assert c.Env.CREDENTIALS_DIR not in {e["name"] for e in bare["containers"][0]["env"]}
+
+
+def test_spec_sizes_the_scratch_disk() -> None:
+    pod = pod_of({"resources": {"gpusPerNode": 1, "ephemeralStorage": "1500Gi"}}, PodDefaults(scratch_size="100Gi"))
+    assert {v["name"]: v for v in pod["volumes"]}["scratch"]["emptyDir"] == {"sizeLimit": "1500Gi"}
+    assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "1500Gi"
