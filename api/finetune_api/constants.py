@@ -63,6 +63,8 @@ class Reason:
     PENDING: Final = "Pending"
     # Created suspended, waiting for Kueue to admit it (spec.queueName).
     QUEUED: Final = "Queued"
+    # A child (ConfigMap, Service, Job) was missing, deleted by hand, and the operator made it again.
+    RECREATED: Final = "Recreated"
 
 
 # --- Trainer exit codes ------------------------------------------------------------------
@@ -150,6 +152,13 @@ LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "finetune-operator"
 KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
+# Kueue's WorkloadPriorityClass of a Job: copied from the FineTuneJob's label of the same name.
+KUEUE_PRIORITY_CLASS_LABEL: Final = "kueue.x-k8s.io/priority-class"
+# Kueue's Workload (the admission unit Kueue makes for each queued Job): the operator reads why a
+# job waits from its status conditions.
+KUEUE_GROUP: Final = "kueue.x-k8s.io"
+KUEUE_VERSION: Final = "v1beta2"
+KUEUE_WORKLOADS: Final = "workloads"
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 
 # --- Storage layout under the output URI -------------------------------------------------
