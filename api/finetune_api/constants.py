@@ -43,6 +43,9 @@ class ConditionType:
     FAILED: Final = "Failed"
     SUSPENDED: Final = "Suspended"
     STALLED: Final = "Stalled"
+    # Only with spec.queueName: Kueue's verdict on the Job (True once it has quota; False, with
+    # Kueue's own reason and message, while it waits or after it was evicted).
+    ADMITTED: Final = "Admitted"
 
 
 class Reason:
@@ -63,6 +66,8 @@ class Reason:
     PENDING: Final = "Pending"
     # Created suspended, waiting for Kueue to admit it (spec.queueName).
     QUEUED: Final = "Queued"
+    # Kueue admitted it (it unsuspends the Job).
+    ADMITTED: Final = "Admitted"
     # A child (ConfigMap, Service, Job) was missing, deleted by hand, and the operator made it again.
     RECREATED: Final = "Recreated"
 
