@@ -170,6 +170,22 @@ def test_images_run_as_non_root(stage: str) -> None:
         assert values["podSecurityContext"]["runAsUser"] == int(uid)
 
 
+@pytest.mark.parametrize("stage", ["operator", "trainer"])
+def test_images_and_pods_run_as_the_one_uid(stage: str) -> None:
+    """One number, owned by finetune_api: the images' USER, the user they create, the trainer pods
+    the operator builds and the operator pod the chart runs."""
+    from finetune_api.constants import TRAINER_USER_ID
+    from finetune_operator.builders import USER_ID
+
+    (user,) = STAGES[stage].args("USER")
+    assert user == f"{TRAINER_USER_ID}:{TRAINER_USER_ID}"
+    created = " ".join(STAGES[stage].args("RUN"))
+    assert f"--uid {TRAINER_USER_ID}" in created and f"--gid {TRAINER_USER_ID}" in created
+    assert USER_ID == TRAINER_USER_ID
+    values = yaml.safe_load((REPO / "charts/finetune-operator/values.yaml").read_text())
+    assert {values["podSecurityContext"][k] for k in ("runAsUser", "runAsGroup", "fsGroup")} == {TRAINER_USER_ID}
+
+
 def test_dockerignore_keeps_what_the_build_copies() -> None:
     allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")}
     for stage in STAGES.values():
