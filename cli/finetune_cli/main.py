@@ -16,6 +16,7 @@ PLUGINS = {
     "run": ("finetune_trainer.run_manifest", "trainer", "Run a FineTuneJob manifest on this machine (CPU or local GPU)."),
     "train": ("finetune_trainer.entrypoint", "trainer", "Container entry point: train from the spec the operator mounts."),
     "operator": ("finetune_operator.operator_cli", "operator", "Run the operator against the current kube context."),
+    "cache": ("finetune_trainer.cache", "trainer", "The shared model cache: 'warm URI...' fills it ahead of jobs."),
 }
 
 

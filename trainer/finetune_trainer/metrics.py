@@ -31,6 +31,12 @@ NAMES = {
     "eval_loss": TrainerMetric.EVAL_LOSS,
     "gpu_memory": f"{P}gpu_memory_allocated_bytes",
     "info": f"{P}info",
+    # The shared model cache (cache.py): entries' size, and this run's lookups.
+    "cache_size": f"{P}cache_size_bytes",
+    "cache_hits": f"{P}cache_hits_total",
+    "cache_misses": f"{P}cache_misses_total",
+    "cache_discarded": f"{P}cache_discarded_total",
+    "cache_evicted": f"{P}cache_evicted_total",
 }
 
 
@@ -52,6 +58,9 @@ class TrainerMetrics:
         self.tokens_per_second = Gauge(NAMES["tokens_per_second"], "Training throughput in input tokens per second.", registry=r)
         self.eval_loss = Gauge(NAMES["eval_loss"], "Loss on the held-out split at the last evaluation.", registry=r)
         self.gpu_memory = Gauge(NAMES["gpu_memory"], "GPU memory allocated by this process.", registry=r)
+        from .cache import Collector
+
+        r.register(Collector(NAMES))
         self._server: Any = None
 
     def serve(self, port: int | None = None, addr: str = "0.0.0.0") -> int:

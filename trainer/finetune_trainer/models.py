@@ -70,10 +70,16 @@ def quantization_config(spec: ModelSpec, precision: Precision) -> Any:
     )
 
 
-def load_tokenizer(spec: ModelSpec, workdir: Path) -> Any:
+def load_tokenizer(spec: ModelSpec, workdir: Path, model_path: str | None = None) -> Any:
+    """`model_path`: the model's folder, already fetched; the tokenizer is read from it when the
+    spec names no tokenizer of its own (instead of downloading the model a second time)."""
     from transformers import AutoTokenizer
 
-    where, kwargs = _location(spec.tokenizer or spec.uri, workdir, "tokenizer")
+    kwargs: dict[str, Any]
+    if model_path is not None and spec.tokenizer is None and os.path.isdir(model_path):
+        where, kwargs = model_path, {}
+    else:
+        where, kwargs = _location(spec.tokenizer or spec.uri, workdir, "tokenizer")
     if spec.gguf_file and spec.tokenizer is None:
         kwargs["gguf_file"] = spec.gguf_file
     if spec.revision and spec.tokenizer is None:
@@ -118,7 +124,7 @@ def load_model(spec: FineTuneJobSpec, precision: Precision, workdir: Path) -> Lo
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.hyperparameters.gradient_checkpointing
         )
-    tokenizer = load_tokenizer(m, workdir)
+    tokenizer = load_tokenizer(m, workdir, model_path=where)
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity(m, where, model))
 
 

@@ -39,6 +39,10 @@ def fetch(uri: str, workdir: Path) -> Path:
         from . import storage
     except ImportError as exc:  # pragma: no cover - storage ships with the trainer
         raise ConfigError(f"{uri}: remote URIs need finetune_trainer.storage: {exc}") from exc
+    from . import cache
+
+    if cache.enabled() and cache.cacheable(uri):
+        return cache.fetch(uri)  # shared across jobs, keyed by the source's identity
     workdir.mkdir(parents=True, exist_ok=True)
     return Path(storage.fetch(uri, workdir))
 

@@ -1,0 +1,312 @@
+"""The shared model and dataset cache (finetune_trainer.cache) against a real S3 server (MinIO).
+
+Concurrency is tested with real processes (each its own flock holder), a crash with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from finetune_api.constants import Env
+from finetune_trainer import cache, storage
+from finetune_trainer.cache import Cache
+
+pytestmark = pytest.mark.cluster
+
+MiB = 2**20
+FINETUNE = Path(sys.executable).with_name("finetune")
+
+
+@pytest.fixture
+def s3(minio_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the session's MinIO, with the AWS_* environment set."""
+    for key, value in minio_env.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"c-{uuid.uuid4().hex[:12]}"
+    fs, _ = storage.resolve(f"s3://{bucket}")
+    fs.mkdir(bucket)
+    return bucket
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stats(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(cache, "STATS", cache.Stats())
+    yield
+    for key in list(cache._IN_USE):
+        os.close(cache._IN_USE.pop(key))
+
+
+def put_model(bucket: str, name: str, tmp: Path, size: int = 3 * MiB, seed: str = "a") -> str:
+    """A model-like prefix (config, weights, tokenizer) published with its manifest."""
+    src = tmp / f"src-{name}-{seed}"
+    (src / "tok").mkdir(parents=True, exist_ok=True)
+    (src / "config.json").write_text(json.dumps({"name": name, "seed": seed}))
+    block = (seed * 64).encode()
+    (src / "model.safetensors").write_bytes((block * (size // len(block) + 1))[:size])
+    (src / "tok" / "tokenizer.json").write_text(json.dumps({"vocab": [seed, name]}))
+    uri = f"s3://{bucket}/models/{name}"
+    storage.publish(src, uri, kind="artifact")
+    return uri
+
+
+def entries(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "entries").iterdir())
+
+
+def child(code: str, root: Path, env: dict[str, str], out: Path) -> subprocess.Popen[bytes]:
+    """A python process running `code` with the cache rooted at `root`."""
+    script = textwrap.dedent(code)
+    full = {**os.environ, **env, Env.CACHE_DIR: str(root)}
+    return subprocess.Popen([sys.executable, "-c", script], env=full, stdout=open(out, "wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def test_hit_returns_the_same_files_and_counts(s3: str, tmp_path: Path) -> None:
+    uri = put_model(s3, "m", tmp_path)
+    c = Cache(tmp_path / "cache")
+    first = c.get(uri)
+    assert cache.outcome(uri) == "miss"
+    second = c.get(uri)
+    assert cache.outcome(uri) == "hit"
+    assert first == second
+    assert (first / "tok" / "tokenizer.json").read_text() == json.dumps({"vocab": ["a", "m"]})
+    assert (cache.STATS.hits, cache.STATS.misses) == (1, 1)
+    assert cache.STATS.size_bytes == c.usage() > 3 * MiB
+    assert len(entries(c.root)) == 1
+
+
+def test_single_object_is_cached_as_a_file(s3: str, tmp_path: Path) -> None:
+    fs, _ = storage.resolve(f"s3://{s3}")
+    fs.pipe_file(f"{s3}/data/train.jsonl", b'{"text": "x"}\n')
+    c = Cache(tmp_path / "cache")
+    path = c.get(f"s3://{s3}/data/train.jsonl")
+    assert path.name == "train.jsonl" and path.read_bytes() == b'{"text": "x"}\n'
+    assert c.get(f"s3://{s3}/data/train.jsonl") == path and cache.outcome(f"s3://{s3}/data/train.jsonl") == "hit"
+
+
+FILL = """
+    import sys, time
+    from pathlib import Path
+    from finetune_trainer import cache
+    start = Path(sys.argv[1])
+    while not start.exists():
+        time.sleep(0.001)
+    path = cache.fetch(sys.argv[2])
+    print("OUTCOME", cache.outcome(sys.argv[2]), path, flush=True)
+"""
+
+
+def test_two_processes_filling_the_same_entry_make_one_entry(s3: str, tmp_path: Path, minio_env: dict[str, str]) -> None:
+    uri = put_model(s3, "big", tmp_path, size=24 * MiB)
+    root = tmp_path / "cache"
+    go = tmp_path / "go"
+    procs = []
+    for i in range(2):
+        code = FILL.replace("sys.argv[1]", repr(str(go))).replace("sys.argv[2]", repr(uri))
+        procs.append(child(code, root, minio_env, tmp_path / f"p{i}.log"))
+    time.sleep(3)  # both imported and waiting at the start line
+    go.touch()
+    for p in procs:
+        assert p.wait(timeout=180) == 0
+    outs = [next(line for line in (tmp_path / f"p{i}.log").read_text().splitlines() if line.startswith("OUTCOME"))
+            for i in range(2)]
+    outcomes = sorted(o.split()[1] for o in outs)
+    assert outcomes == ["hit", "miss"], outs
+    assert len({o.split()[2] for o in outs}) == 1
+    assert len(entries(root)) == 1
+    assert list((root / "tmp").iterdir()) == []
+
+
+SLOW_FILL = """
+    import sys, time
+    from pathlib import Path
+    from finetune_trainer import cache, storage
+    real = storage.fetch
+    def slow(uri, local_dir):
+        out = real(uri, local_dir)
+        print("DOWNLOADED", flush=True)
+        time.sleep(600)  # killed here: files on disk, entry never committed
+        return out
+    storage.fetch = slow
+    cache.fetch(URI)
+"""
+
+
+def test_crash_during_fill_leaves_no_readable_entry(s3: str, tmp_path: Path, minio_env: dict[str, str]) -> None:
+    uri = put_model(s3, "m", tmp_path)
+    root = tmp_path / "cache"
+    log = tmp_path / "crash.log"
+    proc = child(SLOW_FILL.replace("URI", repr(uri)), root, minio_env, log)
+    deadline = time.monotonic() + 120
+    while "DOWNLOADED" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert entries(root) == []  # nothing readable
+    assert len(list((root / "tmp").iterdir())) == 1  # the half-done fill, under a temporary name
+    # The dead filler's lock died with it: the next process fills at once and clears the leftover.
+    t = time.monotonic()
+    path = Cache(root).get(uri)
+    assert time.monotonic() - t < 60
+    assert cache.outcome(uri) == "miss"
+    assert (path / "config.json").exists()
+    assert list((root / "tmp").iterdir()) == []
+
+
+def test_changed_source_is_never_served_stale(s3: str, tmp_path: Path) -> None:
+    uri = put_model(s3, "m", tmp_path, seed="a")
+    c = Cache(tmp_path / "cache")
+    old = c.get(uri)
+    assert json.loads((old / "config.json").read_text())["seed"] == "a"
+    put_model(s3, "m", tmp_path, seed="b")  # same URI, new bytes (new ETags)
+    new = c.get(uri)
+    assert cache.outcome(uri) == "miss"
+    assert new != old
+    assert json.loads((new / "config.json").read_text())["seed"] == "b"
+    assert (new / "model.safetensors").read_bytes()[:1] == b"b"
+
+
+def test_damaged_entry_is_discarded_and_refetched(s3: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    uri = put_model(s3, "m", tmp_path)
+    c = Cache(tmp_path / "cache")
+    path = c.get(uri)
+    weights = path / "model.safetensors"
+    good = weights.read_bytes()
+    weights.chmod(0o644)
+    weights.write_bytes(b"X" + good[1:])  # same size, one byte flipped
+    with caplog.at_level(logging.WARNING, logger="finetune_trainer.cache"):
+        again = c.get(uri)
+    assert cache.outcome(uri) == "refetched"
+    assert (again / "model.safetensors").read_bytes() == good
+    assert cache.STATS.discarded == 1
+    assert any("discarding entry" in r.message and "sha256" in r.message for r in caplog.records)
+    # A broken entry.json is discarded the same way.
+    (path.parent / "entry.json").write_text("{not json")
+    c.get(uri)
+    assert cache.outcome(uri) == "refetched" and cache.STATS.discarded == 2
+
+
+def test_eviction_keeps_the_budget_least_recently_used_first(s3: str, tmp_path: Path) -> None:
+    uris = {n: put_model(s3, n, tmp_path, size=4 * MiB) for n in ("a", "b", "c")}
+    root = tmp_path / "cache"
+    c = Cache(root, max_bytes=9 * MiB)  # two entries fit, not three
+    keys = {}
+    for n in ("a", "b"):
+        c.get(uris[n], hold=False)
+        keys[n] = cache.describe(uris[n]).key
+    time.sleep(0.05)
+    c.get(uris["a"], hold=False)  # a is now more recently used than b
+    c.get(uris["c"], hold=False)
+    keys["c"] = cache.describe(uris["c"]).key
+    assert set(entries(root)) == {keys["a"], keys["c"]}
+    assert c.usage() <= 9 * MiB
+    assert cache.STATS.evicted == 1
+
+
+def test_eviction_skips_entries_in_use(s3: str, tmp_path: Path, minio_env: dict[str, str]) -> None:
+    uris = {n: put_model(s3, n, tmp_path, size=4 * MiB) for n in ("a", "b")}
+    root = tmp_path / "cache"
+    # Another process uses `a` (as a running job does: it holds the entry until it exits).
+    log = tmp_path / "user.log"
+    user = child(f"""
+        import time
+        from finetune_trainer import cache
+        cache.fetch({uris['a']!r})
+        print("USING", flush=True)
+        time.sleep(600)
+    """, root, minio_env, log)
+    try:
+        deadline = time.monotonic() + 120
+        while "USING" not in log.read_text():
+            assert user.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        c = Cache(root, max_bytes=5 * MiB)  # room for one
+        c.get(uris["b"], hold=False)
+        # `a` is older but in use: it stays, and the cache is over budget until it is released.
+        assert cache.describe(uris["a"]).key in entries(root)
+    finally:
+        user.kill()
+        user.wait()
+    assert c.evict() == [cache.describe(uris["a"]).key]
+
+
+def test_different_models_do_not_block_each_other(s3: str, tmp_path: Path) -> None:
+    a, b = put_model(s3, "a", tmp_path), put_model(s3, "b", tmp_path)
+    c = Cache(tmp_path / "cache")
+    # Someone is filling `a` (its fill lock is held); `b` must not wait for it.
+    fd = os.open(c.root / "locks" / f"{cache.describe(a).key}.fill", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        t = time.monotonic()
+        assert (c.get(b) / "config.json").exists()
+        assert time.monotonic() - t < 60
+    finally:
+        os.close(fd)
+
+
+def test_credentials_are_never_written_to_the_cache(s3: str, tmp_path: Path, minio_env: dict[str, str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # An endpoint written with user info must not leak it into entry.json either.
+    endpoint = minio_env["AWS_ENDPOINT_URL"].replace("http://", "http://someuser:endpoint-password-123@")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    uri = put_model(s3, "m", tmp_path)
+    root = tmp_path / "cache"
+    Cache(root).get(uri)
+    secrets = [minio_env["AWS_SECRET_ACCESS_KEY"], "endpoint-password-123", "someuser"]
+    for path in root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for secret in secrets:
+                assert secret.encode() not in data, f"{secret!r} written into {path}"
+
+
+def test_a_job_whose_credentials_cannot_read_the_source_is_not_served_the_entry(
+    s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The namespace rule (cluster scope, one cache for all namespaces): an entry is served only
+    to a job whose own credentials can list the source now. Namespace A's job fills the cache
+    with its private model; namespace B's job, with B's credentials, gets the storage error it
+    would get without the cache and no path into the entry."""
+    uri = put_model(s3, "private", tmp_path)
+    root = tmp_path / "cache"
+    Cache(root).get(uri, hold=False)
+    assert len(entries(root)) == 1
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "namespace-b")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "namespace-b-secret")
+    monkeypatch.setattr(storage, "RETRY", storage.RetryPolicy(attempts=1))
+    cache.STATS.outcomes.clear()
+    with pytest.raises(storage.StorageError) as err:
+        Cache(root).get(uri)
+    assert err.value.permanent
+    assert cache.outcome(uri) is None and cache.STATS.hits == 0
+
+
+def test_cli_warm_fills_ahead_and_reports(s3: str, tmp_path: Path, minio_env: dict[str, str]) -> None:
+    uri = put_model(s3, "m", tmp_path)
+    root = tmp_path / "cache"
+    env = {**os.environ, **minio_env}
+    run = [str(FINETUNE), "cache", "warm", "--dir", str(root), uri]
+    first = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert f"{uri}: miss" in first.stdout
+    second = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    assert f"{uri}: hit" in second.stdout
+    local = subprocess.run([str(FINETUNE), "cache", "warm", "--dir", str(root), "/models/x"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert local.returncode == 2 and "only s3:// sources are cached" in local.stderr
+    missing = subprocess.run([str(FINETUNE), "cache", "warm", "--dir", str(root), f"s3://{s3}/nope"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 42 and "s3://" in missing.stderr
