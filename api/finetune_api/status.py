@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from .constants import Phase
+from .constants import MODEL_CACHE_OUTCOMES, Phase
 
 
 class StatusModel(BaseModel):
@@ -78,9 +78,16 @@ class FineTuneJobStatus(StatusModel):
     restarts: int = 0
     last_restart_reason: str | None = None
     job_name: str | None = Field(None, description="The batch/v1 Job running the trainer.")
+    model_cache: Literal["hit", "miss", "refetched"] | None = Field(
+        None,
+        description="Where the base model came from with the shared model cache on: hit (read from the cache), "
+        "miss (downloaded into it), refetched (a damaged entry was discarded and downloaded again). "
+        "Absent when the cache is off or the model is not remote.",
+    )
 
 
 assert set(Phase.ALL) == set(FineTuneJobStatus.model_fields["phase"].annotation.__args__[0].__args__)  # type: ignore[union-attr]
+assert set(MODEL_CACHE_OUTCOMES) == set(FineTuneJobStatus.model_fields["model_cache"].annotation.__args__[0].__args__)  # type: ignore[union-attr]
 
 
 class FileEntry(StatusModel):
@@ -114,3 +121,5 @@ class TerminationMessage(StatusModel):
     artifact: Artifact | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     last_checkpoint: Checkpoint | None = None
+    #: How the base model was obtained through the shared cache (status.modelCache).
+    model_cache: Literal["hit", "miss", "refetched"] | None = None

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 from finetune_api import ManifestError, parse_spec
 from finetune_api.constants import ExitCode, Reason
@@ -76,12 +77,22 @@ def _last_checkpoint(checkpoints_uri: str | None) -> Checkpoint | None:
         return None
 
 
+def _model_cache(spec: FineTuneJobSpec | None) -> Literal["hit", "miss", "refetched"] | None:
+    """status.modelCache: how this process got the base model through the shared cache."""
+    if spec is None:
+        return None
+    from . import cache
+
+    return cache.outcome(spec.model.uri)
+
+
 def main(argv: list[str]) -> int:
     from finetune_api.constants import Env
 
     parser = argparse.ArgumentParser(prog="finetune train", description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, help="Override hyperparameters.maxSteps.")
     args = parser.parse_args(argv)
+    spec: FineTuneJobSpec | None = None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         # World size > 1: re-run this entry point under torchrun, one process per GPU.
@@ -104,7 +115,8 @@ def main(argv: list[str]) -> int:
             log.error("permanent error: %s", exc)
         else:
             log.exception("training failed (retryable)")
-        termination.write(TerminationMessage(outcome="failed", reason=reason, message=f"{type(exc).__name__}: {exc}"))
+        termination.write(TerminationMessage(outcome="failed", reason=reason, message=f"{type(exc).__name__}: {exc}",
+                                             model_cache=_model_cache(spec)))
         return code
     if result.artifact is None:  # a rank other than 0: rank 0 published and reports
         return ExitCode.SUCCESS
@@ -114,6 +126,7 @@ def main(argv: list[str]) -> int:
         outcome="succeeded", reason=Reason.SUCCEEDED, message=message,
         artifact=result.artifact, metrics=summary_metrics(result.metrics),
         last_checkpoint=_last_checkpoint(result.checkpoints_uri),
+        model_cache=_model_cache(spec),
     ))
     log.info("artifact %s (manifest sha256 %s)", result.output_uri, result.artifact.sha256)
     return ExitCode.SUCCESS
