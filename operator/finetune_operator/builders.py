@@ -90,6 +90,36 @@ def scale_quantity(value: str, times: int) -> str:
 
 
 @dataclass(frozen=True)
+class ModelCache:
+    """The shared model and dataset cache trainer pods mount (chart `modelCache`).
+
+    Backed by a ReadWriteMany PersistentVolumeClaim of `claim_name` in each job's namespace, or a
+    node-local `host_path` (writable by the trainer's uid). With scope "namespace" each namespace
+    mounts only its own folder of the volume (subPath = namespace): one namespace's models are
+    never visible to another's pods, whatever image they run. With scope "cluster" all
+    namespaces share entries; the trainer still serves an entry only to a job whose own
+    credentials can list the source.
+    """
+
+    claim_name: str | None = None
+    host_path: str | None = None
+    max_bytes: int | None = None
+    scope: str = "namespace"
+
+    def __post_init__(self) -> None:
+        if (self.claim_name is None) == (self.host_path is None):
+            raise ValueError("model cache: set exactly one of a claim name or a host path")
+        if self.scope not in CACHE_SCOPES:
+            raise ValueError(f"model cache scope {self.scope!r}: expected one of {', '.join(CACHE_SCOPES)}")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ValueError(f"model cache size {self.max_bytes}: must be positive")
+
+
+CACHE_SCOPES = ("namespace", "cluster")
+CACHE_VOLUME = "model-cache"
+
+
+@dataclass(frozen=True)
 class PodDefaults:
     """What a trainer pod gets when the spec does not say (chart `trainerPods`, operator flags).
 
@@ -109,6 +139,8 @@ class PodDefaults:
     scratch_size: str = "200Gi"
     # Mount the credentials Secret as files (Env.CREDENTIALS_DIR) instead of environment variables.
     credentials_as_files: bool = False
+    # The shared model cache (None: off, every job downloads into its own /scratch).
+    model_cache: ModelCache | None = None
 
 
 @dataclass(frozen=True)
@@ -346,7 +378,32 @@ def build_volumes(
         vol = f"pvc-{i}"
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
         mounts.append({"name": vol, "mountPath": f"{c.PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable})
+    if defaults.model_cache is not None:
+        volume, mount = cache_volume(owner, defaults.model_cache)
+        volumes.append(volume)
+        mounts.append(mount)
     return volumes, mounts
+
+
+def cache_volume(owner: Owner, cache: ModelCache) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model cache's volume and mount (writable: jobs fill it)."""
+    if cache.claim_name is not None:
+        source: dict[str, Any] = {"persistentVolumeClaim": {"claimName": cache.claim_name}}
+    else:
+        source = {"hostPath": {"path": cache.host_path, "type": "DirectoryOrCreate"}}
+    mount: dict[str, Any] = {"name": CACHE_VOLUME, "mountPath": c.CACHE_MOUNT_DIR}
+    if cache.scope == "namespace":
+        mount["subPath"] = owner.namespace  # the kubelet creates it; other namespaces' folders stay unseen
+    return {"name": CACHE_VOLUME, **source}, mount
+
+
+def cache_env(cache: ModelCache | None) -> list[dict[str, Any]]:
+    if cache is None:
+        return []
+    env = [_env(c.Env.CACHE_DIR, c.CACHE_MOUNT_DIR)]
+    if cache.max_bytes is not None:
+        env.append(_env(c.Env.CACHE_MAX_BYTES, cache.max_bytes))
+    return env
 
 
 def build_pod_failure_policy() -> dict[str, Any]:
@@ -376,7 +433,7 @@ def build_pod_template(owner: Owner, spec: FineTuneJobSpec, options: BuildOption
         "name": TRAINER_CONTAINER,
         "image": spec.image or options.trainer_image,
         "command": list(TRAINER_COMMAND),
-        "env": build_env(owner, spec, defaults.credentials_as_files),
+        "env": build_env(owner, spec, defaults.credentials_as_files) + cache_env(defaults.model_cache),
         "ports": [
             {"name": "metrics", "containerPort": c.TRAINER_METRICS_PORT, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": c.RENDEZVOUS_PORT, "protocol": "TCP"},

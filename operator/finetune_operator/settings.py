@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from finetune_api.constants import CREDENTIALS_MOUNT_DIR, OPERATOR_HEALTH_PORT, OPERATOR_METRICS_PORT
 
-from .builders import PodDefaults, check_quantity
+from .builders import CACHE_SCOPES, ModelCache, PodDefaults, check_quantity
 from .policy import DEFAULT_NODE_SELECTOR_KEYS, DEFAULT_TOLERATION_KEYS, Policy
 
 ENV_PREFIX = "FINETUNE_OPERATOR_"
@@ -153,7 +154,29 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                       default=_env(env, "CREDENTIALS_AS_FILES", "") in ("1", "true", "yes"),
                       help=f"Mount the output's credentials Secret as files under {CREDENTIALS_MOUNT_DIR} "
                       "instead of passing its keys as environment variables.")
+    mc = p.add_argument_group("model cache", "A model and dataset cache shared by trainer pods (off unless a "
+                              "claim or host path is given).")
+    where = mc.add_mutually_exclusive_group()
+    where.add_argument("--model-cache-claim", default=_env(env, "MODEL_CACHE_CLAIM") or None,
+                       help="ReadWriteMany PersistentVolumeClaim of this name in each job's namespace.")
+    where.add_argument("--model-cache-host-path", default=_env(env, "MODEL_CACHE_HOST_PATH") or None,
+                       help="Node-local folder (writable by the trainer's uid) instead of a claim.")
+    mc.add_argument("--model-cache-size", type=_bytes, default=_env(env, "MODEL_CACHE_SIZE") or None,
+                    help="Budget of the cache (e.g. 500Gi); least recently used entries are evicted beyond it.")
+    mc.add_argument("--model-cache-scope", choices=CACHE_SCOPES, default=_env(env, "MODEL_CACHE_SCOPE", "namespace"),
+                    help="namespace: each namespace sees only its own entries (default); cluster: all share them.")
     return p
+
+
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _bytes(value: str) -> int:
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", value.strip())
+    if m is None or int(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size in bytes (e.g. 500Gi, 2T, 1000000)")
+    return int(m.group(1)) * _UNITS[m.group(2) or ""]
 
 
 def parse_settings(argv: list[str], env: Mapping[str, str] | None = None) -> Settings:
@@ -187,8 +210,17 @@ def parse_settings(argv: list[str], env: Mapping[str, str] | None = None) -> Set
             shm_size=args.trainer_shm_size,
             scratch_size=args.trainer_scratch_size,
             credentials_as_files=bool(args.credentials_as_files),
+            model_cache=_model_cache(args),
         ),
     )
+
+
+def _model_cache(args: argparse.Namespace) -> ModelCache | None:
+    if not (args.model_cache_claim or args.model_cache_host_path):
+        return None
+    size = args.model_cache_size
+    return ModelCache(claim_name=args.model_cache_claim, host_path=args.model_cache_host_path,
+                      max_bytes=_bytes(size) if isinstance(size, str) else size, scope=args.model_cache_scope)
 
 
 _current: list[Settings] = [Settings()]
