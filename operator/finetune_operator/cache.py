@@ -1,6 +1,6 @@
-"""What the watches have shown: FineTuneJobs and their Jobs and pods, trimmed, in memory.
+"""What the watches have shown: FineTuneJobs and their children and pods, trimmed, in memory.
 
-Kopf watches all three kinds anyway; its event handlers feed this cache, and the controller reads
+Kopf watches these kinds anyway; its event handlers feed this cache, and the controller reads
 from it instead of asking the API server. At 1,000 live jobs that turns ~6 reads per job per
 resync pass (6,000 every 10 s) into none (bench/FINDINGS.md, section 4).
 
@@ -22,7 +22,8 @@ _KOPF_ANNOTATIONS = (f"{c.GROUP}/last-handled-configuration", "kopf.zalando.org/
 _META_KEYS = ("name", "namespace", "uid", "generation", "resourceVersion", "labels", "annotations",
               "ownerReferences", "creationTimestamp", "deletionTimestamp")
 _POD_STATUS_KEYS = ("phase", "podIP", "conditions", "containerStatuses", "startTime", "reason", "message")
-_JOB_SPEC_KEYS = ("suspend", "completions", "parallelism", "backoffLimit", "activeDeadlineSeconds")
+_JOB_SPEC_KEYS = ("suspend", "completions", "parallelism", "backoffLimit", "activeDeadlineSeconds",
+                  "ttlSecondsAfterFinished")
 
 DELETED = "DELETED"
 
@@ -51,6 +52,19 @@ def trim_job(body: dict[str, Any]) -> dict[str, Any]:
     spec = body.get("spec") or {}
     return {"metadata": _meta(body), "spec": {k: spec[k] for k in _JOB_SPEC_KEYS if k in spec},
             "status": body.get("status") or {}}
+
+
+def trim_config_map(body: dict[str, Any]) -> dict[str, Any]:
+    # Metadata only: the spec it carries is the operator's own (its digest is an annotation).
+    return {"metadata": _meta(body)}
+
+
+def trim_service(body: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": _meta(body), "spec": {"selector": (body.get("spec") or {}).get("selector") or {}}}
+
+
+#: The children of a FineTuneJob, by kind, and how each is trimmed.
+CHILD_TRIMS = {"ConfigMap": trim_config_map, "Service": trim_service, "Job": trim_job}
 
 
 def trim_pod(body: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +99,8 @@ class WatchCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ftjs: dict[str, dict[str, Any]] = {}
-        self._jobs: dict[str, dict[str, Any]] = {}
+        # kind -> FineTuneJob key -> the child of that kind.
+        self._children: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in CHILD_TRIMS}
         self._pods: dict[str, dict[str, dict[str, Any]]] = {}
 
     # --- FineTuneJobs ----------------------------------------------------------------------------
@@ -114,23 +129,31 @@ class WatchCache:
 
     # --- children ----------------------------------------------------------------------------------
 
-    def put_job(self, body: dict[str, Any], event: str | None = None) -> str | None:
+    def put_child(self, kind: str, body: dict[str, Any], event: str | None = None) -> str | None:
+        """Record a ConfigMap, Service or Job; returns the key of the FineTuneJob it belongs to."""
         key = owner_key(body)
         if key is None:
             return None
         with self._lock:
-            held = self._jobs.get(key)
+            held_by_key = self._children[kind]
+            held = held_by_key.get(key)
             if event == DELETED:
-                # Only forget the Job we hold: a deleted old Job must not hide its successor.
+                # Only forget the child we hold: a deleted old one must not hide its successor.
                 if held is not None and held["metadata"].get("uid") == body["metadata"].get("uid"):
-                    del self._jobs[key]
+                    del held_by_key[key]
             elif held is None or held["metadata"].get("uid") != body["metadata"].get("uid") or _newer(body, held):
-                self._jobs[key] = trim_job(body)
+                held_by_key[key] = {"kind": kind, **CHILD_TRIMS[kind](body)}
         return key
 
-    def job(self, key: str) -> dict[str, Any] | None:
+    def child(self, kind: str, key: str) -> dict[str, Any] | None:
         with self._lock:
-            return self._jobs.get(key)
+            return self._children[kind].get(key)
+
+    def put_job(self, body: dict[str, Any], event: str | None = None) -> str | None:
+        return self.put_child("Job", body, event)
+
+    def job(self, key: str) -> dict[str, Any] | None:
+        return self.child("Job", key)
 
     def put_pod(self, body: dict[str, Any], event: str | None = None) -> str | None:
         key = owner_key(body)
@@ -147,13 +170,14 @@ class WatchCache:
                 pods[name] = trim_pod(body)
         return key
 
-    def pods(self, key: str, selector: dict[str, str]) -> list[dict[str, Any]]:
+    def pods(self, key: str) -> list[dict[str, Any]]:
+        """The pods labelled with this FineTuneJob's name: which of them its Job owns is for the
+        caller to check (any pod can carry a label)."""
         with self._lock:
-            pods = list((self._pods.get(key) or {}).values())
-        return [p for p in pods
-                if all((p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())]
+            return list((self._pods.get(key) or {}).values())
 
     def sizes(self) -> dict[str, int]:
         with self._lock:
-            return {"finetunejobs": len(self._ftjs), "jobs": len(self._jobs),
+            return {"finetunejobs": len(self._ftjs), "jobs": len(self._children["Job"]),
+                    "configmaps": len(self._children["ConfigMap"]), "services": len(self._children["Service"]),
                     "pods": sum(len(p) for p in self._pods.values())}

@@ -1,4 +1,5 @@
-"""Reconcile one FineTuneJob: get, build, apply, observe, compute status, patch only when changed.
+"""Reconcile one FineTuneJob: get, build and apply the children, observe, decide the status, patch only
+when it changed.
 
 Every trigger (a FineTuneJob created, resumed or updated; an owned Job or pod changed; the periodic
 resync) ends in `Controller.reconcile(namespace, name)`, which is idempotent: it can run twice, or
@@ -17,7 +18,6 @@ import threading
 import time
 import urllib.request
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 from finetune_api import constants as c
@@ -41,9 +41,11 @@ log = logging.getLogger(__name__)
 #: keep one slow call from holding up every other job.
 WORKERS = 4
 
+#: The children of a FineTuneJob, in the order they are created (see Controller._create_children).
+CHILD_KINDS = ("ConfigMap", "Job", "Service")
+
 #: Annotation on the FineTuneJob: how many times the stall watchdog restarted its workload.
 STALL_RESTARTS_ANNOTATION = f"{c.GROUP}/stall-restarts"
-MAX_STALL_RESTARTS = 1
 
 
 def scrape(url: str, timeout: float) -> dict[str, float] | None:
@@ -62,14 +64,24 @@ def scrape(url: str, timeout: float) -> dict[str, float] | None:
     return out
 
 
-@dataclass
-class _Watch:
-    step: int
-    since: float
-
-
 def _owned_by(child: dict[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in child["metadata"].get("ownerReferences") or [])
+
+
+def _status_of(body: dict[str, Any]) -> FineTuneJobStatus | None:
+    return FineTuneJobStatus.model_validate(body["status"]) if body.get("status") else None
+
+
+def _generation(body: dict[str, Any]) -> int | None:
+    generation = body["metadata"].get("generation")
+    return int(generation) if generation is not None else None
+
+
+def _job_changes(job: dict[str, Any], spec: FineTuneJobSpec) -> dict[str, Any]:
+    """A merge patch for what the spec changes on an existing Job (empty when nothing)."""
+    want = builders.desired_suspend(spec, creating=False)  # None: Kueue decides
+    have = bool((job.get("spec") or {}).get("suspend"))
+    return {} if want is None or want == have else {"spec": {"suspend": want}}
 
 
 class Controller:
@@ -83,7 +95,7 @@ class Controller:
         # and no reconcile can lose its lock to a clean-up while it runs.
         self._locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
         self._locks_guard = threading.Lock()
-        self._watch: dict[str, _Watch] = {}
+        self._watch: dict[str, status.StallClock] = {}
         self.cache = WatchCache()
         self.queue = WorkQueue()
         # Parsed spec per job, by (uid, generation): validation is the costliest step of a reconcile.
@@ -181,6 +193,12 @@ class Controller:
         """Record a Job; returns the key of the FineTuneJob to reconcile."""
         return self.cache.put_job(body, event)
 
+    def seen_child(self, kind: str, event: str | None, body: dict[str, Any]) -> str | None:
+        """Record a ConfigMap or Service; returns the key of the FineTuneJob to reconcile when
+        someone else changed it (deleted: made again; edited: put back), None for its creation."""
+        key = self.cache.put_child(kind, body, event)
+        return key if event in ("MODIFIED", "DELETED") else None
+
     def seen_pod(self, event: str | None, body: dict[str, Any]) -> str | None:
         return self.cache.put_pod(body, event)
 
@@ -211,81 +229,50 @@ class Controller:
             ns, name = key.split("/", 1)
             self.forget(ns, name)
 
-    # --- the reconcile -------------------------------------------------------------------------
+    # --- the reconcile: get -> build and apply -> observe -> decide -> write ---------------------
 
     def _reconcile(self, namespace: str, name: str, key: str, full: bool, periodic: bool = False) -> None:
-        body = self.cache.ftj(key)
-        if body is None and not full:
-            # An event of a child whose FineTuneJob is gone (a deletion storm would otherwise cost
-            # a GET per child event), or one the FineTuneJob watch has not shown yet, whose own
-            # first event asks for a full reconcile.
-            return
+        body = self._get(namespace, name, key, full)
         if body is None:
-            body = self._fetch(namespace, name, key)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            self.forget(namespace, name)
             return
-        generation = body["metadata"].get("generation")
-        prev = FineTuneJobStatus.model_validate(body.get("status") or {}) if body.get("status") else None
+        prev = _status_of(body)
         if prev is not None and prev.phase in c.Phase.TERMINAL:
             # Finished jobs are history: their Job may be gone (ttlSecondsAfterFinished); never rebuild it.
             self.metrics.set_phase(key, prev.phase)
             return
         spec = self._spec(key, body)
         if isinstance(spec, ManifestError):
-            new = status.invalid_spec_status(prev, spec.lines, generation)
-            self._write(body, prev, new, key)
+            self._write(body, prev, status.invalid_spec_status(prev, spec.lines, _generation(body)), key)
             return
+        applied = self._apply(body, key, spec, prev, full)
+        if applied is None:
+            return  # the FineTuneJob is gone
+        body, job = applied
+        seen = self._observe(body, key, spec, job, prev, periodic)
+        if seen is None:
+            return  # a quiet resync pass: nothing moved
+        decision = status.decide(name, spec, prev, seen)
+        if decision.restart is not None:
+            self._restart(body, key, seen, decision.restart)
+        self._write(body, prev, decision.status, key)
 
-        owner = builders.Owner.from_body(body)
-        job = self.cache.job(key)
-        if full or job is None or not _owned_by(job, owner.uid):
-            if prev is not None and not full:
-                # A job that had children lost its Job, or the cache trails a deletion: ask the
-                # API before re-creating anything (children of a deleted owner would be garbage).
-                body = self._fetch(namespace, name, key)
-                if body is None or body["metadata"].get("deletionTimestamp"):
-                    self.forget(namespace, name)
-                    return
-            job = self._ensure_children(owner, spec, created_before=prev is not None)
-            if prev is not None:
-                # Resumed after a restart, or healing: the pod watch may not have caught up yet,
-                # and a status computed without the pods would step back (Running -> Pending).
-                for pod in self.kube.list_pods(namespace, builders.selector_labels(owner)):
-                    self.cache.put_pod(pod)
-        job = self._sync_suspend(namespace, job, spec)
+    # --- get ---
 
-        pods = self.cache.pods(key, builders.selector_labels(owner))
-        running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"
-                   and not p["metadata"].get("deletionTimestamp")]
-        # A periodic pass over a job that has a status: nothing moves without an event while no
-        # trainer runs, and nothing changed if the scrape did not and the step is not stuck.
-        quiet = prev.phase if periodic and prev is not None else None
-        if quiet and not running:
-            self.metrics.set_phase(key, quiet)
-            return
-        scraped = self._scrape(running)
-        stalled = self._watchdog(key, spec, running, scraped)
-        if quiet and stalled is None and scraped == self._scraped.get(key):
-            self.metrics.set_phase(key, quiet)
-            return
-        self._scraped[key] = scraped
-        seen = status.Observed(generation=generation, job=job, pods=tuple(pods), metrics=scraped, stalled=stalled)
-        new = status.compute_status(name, spec, prev, seen)
-
-        if stalled is not None and new.phase == c.Phase.RUNNING:
-            done = int((body["metadata"].get("annotations") or {}).get(STALL_RESTARTS_ANNOTATION, "0") or 0)
-            if done < MAX_STALL_RESTARTS:
-                reason = f"{c.Reason.STALLED}: {stalled}"
-                self.cache.put_ftj(
-                    self.kube.annotate_ftj(namespace, name, {STALL_RESTARTS_ANNOTATION: str(done + 1)}))
-                for pod in running:
-                    self.kube.restart_pod(namespace, pod["metadata"]["name"], reason)
-                # Evicted pods may vanish before they are seen failed: count the restart here.
-                new.restarts += 1
-                new.last_restart_reason = reason
-                self._watch.pop(key, None)
-        self._write(body, prev, new, key)
+    def _get(self, namespace: str, name: str, key: str, full: bool) -> dict[str, Any] | None:
+        """The FineTuneJob from the cache (from the API only for a full reconcile of one not cached
+        yet); None when it is gone or going."""
+        body = self.cache.ftj(key)
+        if body is None and not full:
+            # An event of a child whose FineTuneJob is gone (a deletion storm would otherwise cost
+            # a GET per child event), or one the FineTuneJob watch has not shown yet, whose own
+            # first event asks for a full reconcile.
+            return None
+        if body is None:
+            body = self._fetch(namespace, name, key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.forget(namespace, name)
+            return None
+        return body
 
     def _fetch(self, namespace: str, name: str, key: str) -> dict[str, Any] | None:
         body = self.kube.get_ftj(namespace, name)
@@ -310,26 +297,103 @@ class Controller:
         self._specs[key] = (version, spec)
         return spec
 
-    def _ensure_children(self, owner: builders.Owner, spec: FineTuneJobSpec, created_before: bool) -> dict[str, Any]:
-        """Create (or adopt) the ConfigMap, the Service and the Job; in that order, so that a Job
-        that exists means its ConfigMap and Service were made too."""
-        children = builders.build_children(owner, spec, self.options)
+    # --- build and apply ---
+
+    def _child(self, kind: str, key: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The cached child of that kind if this FineTuneJob owns it (not one of an older namesake)."""
+        child = self.cache.child(kind, key)
+        return child if child is not None and _owned_by(child, body["metadata"]["uid"]) else None
+
+    def _apply(
+        self, body: dict[str, Any], key: str, spec: FineTuneJobSpec, prev: FineTuneJobStatus | None, full: bool
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Make the children exist (a new job, a resumed one, or one whose child was deleted) and
+        match what may change in place. Returns the FineTuneJob and its Job; None if the job is gone.
+
+        The whole children are built only when one is to be created: every resync pass comes here
+        for each live job, and only the fields that may change are compared (from the cache)."""
+        missing = [kind for kind in CHILD_KINDS if self._child(kind, key, body) is None]
+        if full or missing:
+            if prev is not None and not full:
+                # A job that had children lost one, or the cache trails a deletion: ask the API
+                # before re-creating anything (children of a deleted owner would be garbage).
+                namespace, name = key.split("/", 1)
+                fetched = self._fetch(namespace, name, key)
+                if fetched is None or fetched["metadata"].get("deletionTimestamp"):
+                    self.forget(namespace, name)
+                    return None
+                body = fetched
+            wanted = builders.build_children(builders.Owner.from_body(body), spec, self.options)
+            self._create_children(body, key, wanted, created_before=prev is not None)
+        job = self._child("Job", key, body)
+        assert job is not None  # _create_children cached it
+        job = self._sync(key, job, _job_changes(job, spec))
+        service = self._child("Service", key, body)
+        if service is not None:
+            # The Service follows the Job's uid: a re-created Job has a new one.
+            want = builders.service_selector(builders.Owner.from_body(body), job["metadata"]["uid"])
+            if (service.get("spec") or {}).get("selector") != want:
+                self._sync(key, service, {"spec": {"selector": want}})
+        return body, job
+
+    def _create_children(self, body: dict[str, Any], key: str, wanted: builders.Children,
+                         created_before: bool) -> None:
+        """Create (or adopt) the ConfigMap, the Job, then the Service, whose selector names the
+        Job's uid. A child created again for a job that had it (someone deleted it) is told in an
+        event and counted."""
         # A new job has no children yet: creating first saves a read each.
         read_first = created_before
-        self.kube.ensure(children.config_map, read_first=read_first)
-        self.kube.ensure(children.service, read_first=read_first)
-        job, _created = self.kube.ensure(children.job, read_first=read_first)
-        self.cache.put_job(job)
-        return job
+        config_map, made_cm = self.kube.ensure(wanted.config_map, read_first=read_first)
+        job, made_job = self.kube.ensure(wanted.job, read_first=read_first)
+        service_body = builders.build_service(builders.Owner.from_body(body), job["metadata"]["uid"])
+        service, made_svc = self.kube.ensure(service_body, read_first=read_first)
+        for kind, child, made in (("ConfigMap", config_map, made_cm), ("Job", job, made_job),
+                                  ("Service", service, made_svc)):
+            self.cache.put_child(kind, child)
+            if made and created_before:
+                self.metrics.children_recreated.labels(kind=kind).inc()
+                self.kube.event(body, "Warning", c.Reason.RECREATED,
+                                f"{kind} {child['metadata']['name']} was missing (deleted?); created it again")
+        if created_before:
+            # Resumed after a restart, or healing: the pod watch may not have caught up yet,
+            # and a status computed without the pods would step back (Running -> Pending).
+            namespace = body["metadata"]["namespace"]
+            for pod in self.kube.list_pods(namespace, builders.selector_labels(builders.Owner.from_body(body))):
+                self.cache.put_pod(pod)
 
-    def _sync_suspend(self, namespace: str, job: dict[str, Any], spec: FineTuneJobSpec) -> dict[str, Any]:
-        want = builders.desired_suspend(spec, creating=False)
-        have = bool((job.get("spec") or {}).get("suspend"))
-        if want is None or want == have:
-            return job
-        job = self.kube.set_job_suspend(namespace, job["metadata"]["name"], want)
-        self.cache.put_job(job)
-        return job
+    def _sync(self, key: str, child: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+        """Patch a child in place (the fields that may change after creation); the object to go on with."""
+        if not patch:
+            return child
+        kind = child["kind"]
+        meta = child["metadata"]
+        self.cache.put_child(kind, self.kube.patch(kind, meta["namespace"], meta["name"], patch))
+        return self.cache.child(kind, key) or child
+
+    # --- observe ---
+
+    def _observe(
+        self, body: dict[str, Any], key: str, spec: FineTuneJobSpec, job: dict[str, Any],
+        prev: FineTuneJobStatus | None, periodic: bool,
+    ) -> status.Observed | None:
+        """The Job's pods (only those it owns), the trainer's metrics and the stall clock. None on a
+        periodic pass over a job with a status when nothing can have changed without an event: no
+        trainer runs, or the scrape is the same and the step is not stuck."""
+        pods = status.pods_of(job, self.cache.pods(key))
+        running = status.running(pods)
+        quiet = prev.phase if periodic and prev is not None else None
+        if quiet and not running:
+            self.metrics.set_phase(key, quiet)
+            return None
+        scraped = self._scrape(running)
+        stalled = self._watchdog(key, spec, running, scraped)
+        if quiet and stalled is None and scraped == self._scraped.get(key):
+            self.metrics.set_phase(key, quiet)
+            return None
+        self._scraped[key] = scraped
+        done = (body["metadata"].get("annotations") or {}).get(STALL_RESTARTS_ANNOTATION, "0") or "0"
+        return status.Observed(generation=_generation(body), job=job, pods=tuple(pods), metrics=scraped,
+                               stalled=stalled, stall_restarts=int(done))
 
     def _scrape(self, running: list[dict[str, Any]]) -> dict[str, float] | None:
         # Rank 0 reports for the whole job.
@@ -352,26 +416,26 @@ class Controller:
     def _watchdog(
         self, key: str, spec: FineTuneJobSpec, running: list[dict[str, Any]], scraped: dict[str, float] | None
     ) -> str | None:
-        """A message when the step has not moved for the stall timeout, else None."""
-        if not running:
+        """Advance the job's stall clock; a message when the step has not moved for the stall timeout."""
+        now = time.monotonic()
+        clock = status.stall_clock(self._watch.get(key), scraped, bool(running), now)
+        if clock is None:
             self._watch.pop(key, None)
-            return None
-        if not scraped or c.TrainerMetric.STEP not in scraped:
-            # No reading is no evidence either way; the clock starts at the first reading.
-            watch = self._watch.get(key)
         else:
-            step = int(scraped[c.TrainerMetric.STEP])
-            watch = self._watch.get(key)
-            if watch is None or watch.step != step:
-                self._watch[key] = _Watch(step, time.monotonic())
-                return None
-        if watch is None:
-            return None
-        limit = spec.run_policy.stall_timeout_seconds or self.settings.stall_timeout
-        idle = time.monotonic() - watch.since
-        if idle < limit:
-            return None
-        return f"step {watch.step} has not moved for {int(idle)}s (limit {int(limit)}s)"
+            self._watch[key] = clock
+        return status.stall_message(clock, now, spec.run_policy.stall_timeout_seconds or self.settings.stall_timeout)
+
+    # --- act on the decision, write the status ---
+
+    def _restart(self, body: dict[str, Any], key: str, seen: status.Observed, reason: str) -> None:
+        """The watchdog's restart: counted on the FineTuneJob first (so an operator restart does
+        not repeat it), then every running pod of the Job evicted."""
+        meta = body["metadata"]
+        self.cache.put_ftj(self.kube.annotate_ftj(
+            meta["namespace"], meta["name"], {STALL_RESTARTS_ANNOTATION: str(seen.stall_restarts + 1)}))
+        for pod in status.running(list(seen.pods)):
+            self.kube.restart_pod(meta["namespace"], pod["metadata"]["name"], reason)
+        self._watch.pop(key, None)
 
     def _write(
         self, body: dict[str, Any], prev: FineTuneJobStatus | None, new: FineTuneJobStatus, key: str

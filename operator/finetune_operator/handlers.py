@@ -1,6 +1,6 @@
 """Kopf handlers: thin and typed; every one delegates to the Controller.
 
-The Controller lives in kopf's memo (set by cli.main). All handlers are event handlers: each hands
+The Controller lives in kopf's memo (set by operator_cli.run). All handlers are event handlers: each hands
 the raw object to the Controller's watch cache, which is what reconciles read instead of the API,
 and queues the FineTuneJob it belongs to for the Controller's reconcile workers.
 """
@@ -93,6 +93,19 @@ async def finetunejob_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> 
 async def owned_job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     ctl = _controller(memo)
     ctl.enqueue(ctl.seen_job(event["type"], dict(event["object"])))
+
+
+# The ConfigMap and the Service: watched so that one deleted (or edited) by hand is put back at once.
+@kopf.on.event("v1", "configmaps", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
+async def owned_config_map_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    ctl = _controller(memo)
+    ctl.enqueue(ctl.seen_child("ConfigMap", event["type"], dict(event["object"])))
+
+
+@kopf.on.event("v1", "services", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})
+async def owned_service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    ctl = _controller(memo)
+    ctl.enqueue(ctl.seen_child("Service", event["type"], dict(event["object"])))
 
 
 @kopf.on.event("v1", "pods", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY})

@@ -137,9 +137,17 @@ class Kube:
                 f"(owners {sorted(o for o in owners if o)}); waiting for it to go away")
         return existing, False
 
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge patch of a child (ConfigMap, Service or Job); the new object."""
+        calls: dict[str, Any] = {"ConfigMap": self.core.patch_namespaced_config_map,
+                                 "Service": self.core.patch_namespaced_service,
+                                 "Job": self.batch.patch_namespaced_job}
+        if kind not in calls:
+            raise ValueError(f"unsupported kind {kind}")
+        return _raw(calls[kind](name, namespace, patch, _content_type=MERGE_PATCH, _preload_content=False))
+
     def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
-        return _raw(self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}},
-                                                    _content_type=MERGE_PATCH, _preload_content=False))
+        return self.patch("Job", namespace, name, {"spec": {"suspend": suspend}})
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
         label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))

@@ -7,7 +7,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from finetune_api.constants import OPERATOR_METRIC_PREFIX, Phase
+from finetune_api.constants import OPERATOR_METRIC_PREFIX, Phase, Reason
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 P = OPERATOR_METRIC_PREFIX
@@ -16,7 +16,11 @@ NAMES = {
     "reconcile_duration": f"{P}reconcile_duration_seconds",
     "reconcile_errors": f"{P}reconcile_errors_total",
     "restarts": f"{P}workload_restarts_total",
+    "children_recreated": f"{P}children_recreated_total",
 }
+
+#: The `reason` values of the restarts counter: the first word of status.lastRestartReason.
+RESTART_REASONS = (Reason.PREEMPTED, Reason.STALLED, Reason.FAILED)
 
 
 class OperatorMetrics:
@@ -32,10 +36,17 @@ class OperatorMetrics:
             NAMES["reconcile_errors"].removesuffix("_total"), "Reconciles that raised an error.", ["kind"], registry=r)
         self.restarts = Counter(
             NAMES["restarts"].removesuffix("_total"), "Trainer pods restarted, by reason.", ["reason"], registry=r)
+        self.children_recreated = Counter(
+            NAMES["children_recreated"].removesuffix("_total"),
+            "Children (ConfigMap, Service, Job) found missing and created again, by kind.", ["kind"], registry=r)
         self._phases: dict[str, str] = {}
         self._lock = threading.Lock()
         for phase in Phase.ALL:
             self.jobs.labels(phase=phase).set(0)
+        # Every restart reason from 0: Prometheus's increase() cannot see the first restart of a
+        # series that appears with value 1 (the chart's restarts alert would need one restart more).
+        for reason in RESTART_REASONS:
+            self.restarts.labels(reason=reason)
 
     def set_phase(self, key: str, phase: str | None) -> None:
         """Record the phase of one job (None: it is gone) and refresh the counts."""

@@ -23,6 +23,9 @@ from .builders import COMPLETION_INDEX_ANNOTATION, DISRUPTION_TARGET, TRAINER_CO
 # Annotation the operator puts on a pod before it restarts it, so the restart is reported right.
 RESTART_REASON_ANNOTATION = "finetune.dev/restart-reason"
 
+# Workload restarts the stall watchdog makes per job; a job that stalls again is only reported.
+MAX_STALL_RESTARTS = 1
+
 # Scraped trainer metric -> key in status.metrics.
 STATUS_METRICS = {
     TrainerMetric.LOSS: "loss",
@@ -63,6 +66,8 @@ class Observed:
     metrics: dict[str, float] | None = None
     # The watchdog's verdict: a message when the step has not moved for too long.
     stalled: str | None = None
+    # Restarts the watchdog has made already (they are limited to MAX_STALL_RESTARTS).
+    stall_restarts: int = 0
     now: datetime | None = None
 
 
@@ -85,7 +90,7 @@ def set_condition(
             changed = cond.status != value
             conditions[i] = Condition(
                 type=type_,
-                status=value,  # type: ignore[arg-type]
+                status=value,
                 reason=reason,
                 message=message,
                 last_transition_time=now if changed or cond.last_transition_time is None else cond.last_transition_time,
@@ -95,7 +100,7 @@ def set_condition(
     conditions.append(
         Condition(
             type=type_,
-            status=value,  # type: ignore[arg-type]
+            status=value,
             reason=reason,
             message=message,
             last_transition_time=now,
@@ -163,6 +168,21 @@ def _phase(pod: dict[str, Any]) -> str:
     return str((pod.get("status") or {}).get("phase") or "")
 
 
+def pods_of(job: dict[str, Any] | None, pods: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods this Job owns (its uid in their ownerReferences): a pod that only carries the
+    trainer's labels is not a trainer, is not counted and is never evicted."""
+    if job is None:
+        return []
+    uid = job["metadata"].get("uid")
+    return [p for p in pods if any(ref.get("uid") == uid and ref.get("controller")
+                                   for ref in p["metadata"].get("ownerReferences") or [])]
+
+
+def running(pods: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pods whose trainer runs (not already on their way out)."""
+    return [p for p in pods if _phase(p) == "Running" and not p["metadata"].get("deletionTimestamp")]
+
+
 def _finished_at(pod: dict[str, Any]) -> str:
     terminated = trainer_state(pod).get("terminated") or {}
     return str(terminated.get("finishedAt") or pod["metadata"].get("creationTimestamp") or "")
@@ -176,7 +196,7 @@ def failure_reason(pod: dict[str, Any]) -> str:
     """Why one pod failed, in one line (for status.lastRestartReason and events)."""
     annotations = pod["metadata"].get("annotations") or {}
     if RESTART_REASON_ANNOTATION in annotations:
-        return annotations[RESTART_REASON_ANNOTATION]
+        return str(annotations[RESTART_REASON_ANNOTATION])
     cond = disruption(pod)
     if cond is not None:
         return f"{Reason.PREEMPTED}: {cond.get('reason', '')}: {cond.get('message', '')}".rstrip(": ")
@@ -211,6 +231,21 @@ def replaced_failures(pods: Iterable[dict[str, Any]], failed: list[dict[str, Any
 # --- the status -------------------------------------------------------------------------------
 
 
+def _merge_metrics(held: dict[str, float] | None, update: dict[str, float]) -> dict[str, float] | None:
+    """status.metrics with newer values on top: scraped while running, the termination message last."""
+    return {**(held or {}), **update} or None
+
+
+def scraped_status_metrics(scraped: dict[str, float]) -> dict[str, float]:
+    """The scraped trainer metrics that status.metrics shows, under their status keys."""
+    out: dict[str, float] = {}
+    for name, key in STATUS_METRICS.items():
+        value = scraped.get(name)
+        if value is not None and math.isfinite(value):
+            out[key] = value
+    return out
+
+
 def _progress(
     prev: Progress | None, metrics: dict[str, float] | None, start: datetime | None, now: datetime
 ) -> Progress | None:
@@ -231,22 +266,11 @@ def _progress(
     return Progress(step=step, total_steps=total, epoch=epoch, percent=percent, eta_seconds=eta)
 
 
-def _metrics(prev: dict[str, float] | None, scraped: dict[str, float] | None) -> dict[str, float] | None:
-    if not scraped:
-        return prev
-    out = dict(prev or {})
-    for name, key in STATUS_METRICS.items():
-        value = scraped.get(name)
-        if value is not None and math.isfinite(value):
-            out[key] = value
-    return out or None
-
-
 def invalid_spec_status(prev: FineTuneJobStatus | None, lines: list[str], generation: int | None) -> FineTuneJobStatus:
     """An invalid spec reached the operator (no CEL rules in the CRD): fail with the validation message."""
     now = now_utc()
     status = (prev or FineTuneJobStatus()).model_copy(deep=True)
-    status.phase = Phase.FAILED  # type: ignore[assignment]
+    status.phase = Phase.FAILED
     status.observed_generation = generation
     status.completion_time = status.completion_time or now
     message = "; ".join(lines)
@@ -256,123 +280,229 @@ def invalid_spec_status(prev: FineTuneJobStatus | None, lines: list[str], genera
     return status
 
 
+@dataclass
+class _Update:
+    """The status being computed, and the time and generation every condition it sets carries."""
+
+    status: FineTuneJobStatus
+    now: datetime
+    generation: int | None
+
+    def condition(self, type_: str, value: bool, reason: str, message: str) -> None:
+        set_condition(self.status.conditions, type_, value, reason, message, self.now, self.generation)
+
+    def phase(self, phase: str) -> None:
+        self.status.phase = phase  # type: ignore[assignment]
+
+    def final(self, message: TerminationMessage | None, artifact: bool = False) -> None:
+        """What the trainer's termination message has the last word on."""
+        if message is None:
+            return
+        if artifact:
+            self.status.artifact = message.artifact or self.status.artifact
+        self.status.last_checkpoint = message.last_checkpoint or self.status.last_checkpoint
+        self.status.metrics = _merge_metrics(self.status.metrics, message.metrics)
+
+
+@dataclass(frozen=True)
+class _Pods:
+    """The Job's pods, sorted by when they finished, and what the phase rules ask of them."""
+
+    all: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+    running: list[dict[str, Any]]
+    restarted: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, pods: tuple[dict[str, Any], ...]) -> _Pods:
+        ordered = sorted(pods, key=_finished_at)
+        # Disrupted pods (preempted, evicted) may be deleted soon after; count them while terminating too.
+        failed = [p for p in ordered if _phase(p) == "Failed" or is_disrupted(p)]
+        return cls(ordered, failed, running(ordered), replaced_failures(pods, failed))
+
+    def succeeded(self) -> list[dict[str, Any]]:
+        return [p for p in self.all if _phase(p) == "Succeeded"]
+
+
+def _not_created(u: _Update) -> None:
+    u.phase(u.status.phase or Phase.PENDING)
+    u.condition(ConditionType.CREATED, False, Reason.PENDING, "creating the workload")
+
+
+def _job_created(u: _Update, name: str, job: dict[str, Any]) -> None:
+    u.status.job_name = job_name(name)
+    u.condition(ConditionType.CREATED, True, Reason.CREATED, f"created ConfigMap, Service and Job {job_name(name)}")
+    u.status.start_time = u.status.start_time or parse_time((job.get("status") or {}).get("startTime"))
+
+
+def _count_restarts(u: _Update, pods: _Pods) -> None:
+    # A restart is a failed pod that the Job controller has replaced (a newer pod of its index).
+    if len(pods.restarted) > u.status.restarts:
+        u.status.restarts = len(pods.restarted)
+        u.status.last_restart_reason = failure_reason(pods.restarted[-1])
+
+
+def _failed(u: _Update, cond: dict[str, Any], pods: _Pods) -> None:
+    """The Job failed: say why in the words of the pod that decided it."""
+    reason = _JOB_FAILURE_REASONS.get(str(cond.get("reason")), Reason.FAILED)
+    message = str(cond.get("message") or cond.get("reason") or "the Job failed")
+    permanent = [p for p in pods.failed if exit_code(p) == ExitCode.PERMANENT]
+    if reason == Reason.PERMANENT_ERROR and permanent:
+        message = failure_reason(permanent[-1])
+    elif pods.failed and reason == Reason.BACKOFF_LIMIT_EXCEEDED:
+        message = f"{message}; last failure: {failure_reason(pods.failed[-1])}"
+    u.final(termination_message(pods.failed[-1]) if pods.failed else None)
+    u.phase(Phase.FAILED)
+    u.status.completion_time = u.status.completion_time or parse_time(cond.get("lastTransitionTime")) or u.now
+    u.condition(ConditionType.FAILED, True, reason, message)
+    u.condition(ConditionType.RUNNING, False, reason, message)
+
+
+def _succeeded(u: _Update, job: dict[str, Any], cond: dict[str, Any], pods: _Pods) -> None:
+    """The Job completed: rank 0's termination message names the artifact; progress is full."""
+    u.phase(Phase.SUCCEEDED)
+    u.status.completion_time = (
+        u.status.completion_time or parse_time((job.get("status") or {}).get("completionTime"))
+        or parse_time(cond.get("lastTransitionTime")) or u.now
+    )
+    succeeded = pods.succeeded()
+    rank0 = [p for p in succeeded if _index(p) == 0] or succeeded
+    u.final(termination_message(rank0[-1]) if rank0 else None, artifact=True)
+    progress = u.status.progress or Progress()
+    total = progress.total_steps
+    u.status.progress = Progress(
+        step=total if total else progress.step, total_steps=total, epoch=progress.epoch, percent=100, eta_seconds=0
+    )
+    artifact = u.status.artifact
+    msg = f"training finished; artifact at {artifact.uri}" if artifact else "training finished"
+    u.condition(ConditionType.SUCCEEDED, True, Reason.SUCCEEDED, msg)
+    u.condition(ConditionType.RUNNING, False, Reason.SUCCEEDED, msg)
+
+
+def _suspended(u: _Update, spec: FineTuneJobSpec) -> None:
+    """A suspended Job: the user's spec.suspend, or Kueue holding it in its queue."""
+    if not spec.suspend and spec.queue_name:
+        u.phase(Phase.PENDING)
+        msg = f"waiting for Kueue to admit the Job in queue {spec.queue_name}"
+        u.condition(ConditionType.RUNNING, False, Reason.QUEUED, msg)
+        return
+    u.phase(Phase.SUSPENDED)
+    msg = "spec.suspend is true: the Job's pods are stopped"
+    u.condition(ConditionType.SUSPENDED, True, Reason.SUSPENDED, msg)
+    u.condition(ConditionType.RUNNING, False, Reason.SUSPENDED, msg)
+
+
+def _active(u: _Update, spec: FineTuneJobSpec, pods: _Pods) -> None:
+    """A Job that is neither finished nor suspended: Running once a trainer pod runs, else Pending."""
+    if is_true(u.status, ConditionType.SUSPENDED):
+        u.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, "resumed")
+    if pods.running:
+        u.phase(Phase.RUNNING)
+        msg = f"{len(pods.running)}/{spec.resources.nodes} trainer pods running"
+        u.condition(ConditionType.RUNNING, True, Reason.RUNNING, msg)
+    elif u.status.phase == Phase.RUNNING and pods.succeeded():
+        # Every pod exited 0 but the Job controller has not marked the Job Complete yet (the two
+        # arrive on separate watches): still Running, not back to Pending for a moment.
+        pass
+    else:
+        u.phase(Phase.PENDING)
+        u.condition(ConditionType.RUNNING, False, Reason.PENDING, "waiting for trainer pods to start")
+
+
+def _stalled(u: _Update, stalled: str | None) -> None:
+    """The watchdog's verdict, shown only while Running; cleared when the step moves or the job stops."""
+    running = u.status.phase == Phase.RUNNING
+    if running and stalled is not None:
+        u.condition(ConditionType.STALLED, True, Reason.STALLED, stalled)
+    elif is_true(u.status, ConditionType.STALLED):
+        if running:
+            u.condition(ConditionType.STALLED, False, Reason.RUNNING, "the step moves again")
+        else:
+            phase = str(u.status.phase)
+            u.condition(ConditionType.STALLED, False, phase, f"no trainer pod is running (phase {phase})")
+
+
 def compute_status(
     name: str, spec: FineTuneJobSpec, prev: FineTuneJobStatus | None, seen: Observed
 ) -> FineTuneJobStatus:
     """The status that the observed Job, pods and metrics mean."""
-    now = seen.now or now_utc()
-    gen = seen.generation
-    status = (prev or FineTuneJobStatus()).model_copy(deep=True)
-    status.observed_generation = gen
+    u = _Update((prev or FineTuneJobStatus()).model_copy(deep=True), seen.now or now_utc(), seen.generation)
+    u.status.observed_generation = seen.generation
     job = seen.job
     if job is None:
-        status.phase = status.phase or Phase.PENDING  # type: ignore[assignment]
-        set_condition(status.conditions, ConditionType.CREATED, False, Reason.PENDING, "creating the workload", now, gen)
-        return status
-
-    status.job_name = job_name(name)
-    set_condition(
-        status.conditions, ConditionType.CREATED, True, Reason.CREATED,
-        f"created ConfigMap, Service and Job {job_name(name)}", now, gen,
-    )
-    jstatus = job.get("status") or {}
-    status.start_time = status.start_time or parse_time(jstatus.get("startTime"))
-
-    pods = sorted(seen.pods, key=_finished_at)
-    # Disrupted pods (preempted, evicted) may be deleted soon after; count them while terminating too.
-    disrupted = [p for p in pods if is_disrupted(p)]
-    failed = [p for p in pods if _phase(p) == "Failed" or p in disrupted]
-    restarted = replaced_failures(seen.pods, failed)
-
+        _not_created(u)
+        return u.status
+    _job_created(u, name, job)
+    pods = _Pods.of(seen.pods)
     # Progress and metrics: scraped while running; the termination message has the last word.
-    status.progress = _progress(status.progress, seen.metrics, status.start_time, now)
-    status.metrics = _metrics(status.metrics, seen.metrics)
-
-    failed_cond = _job_condition(job, "Failed", "FailureTarget")
-    done_cond = _job_condition(job, "Complete", "SuccessCriteriaMet")
-    suspended = bool((job.get("spec") or {}).get("suspend"))
-    running_pods = [p for p in pods if _phase(p) == "Running" and not (p["metadata"].get("deletionTimestamp"))]
-
-    # A restart is a failed pod that the Job controller has replaced (a newer pod of its index).
-    if len(restarted) > status.restarts:
-        status.restarts = len(restarted)
-        status.last_restart_reason = failure_reason(restarted[-1])
-
-    if failed_cond is not None:
-        reason = _JOB_FAILURE_REASONS.get(str(failed_cond.get("reason")), Reason.FAILED)
-        message = str(failed_cond.get("message") or failed_cond.get("reason") or "the Job failed")
-        permanent = [p for p in failed if exit_code(p) == ExitCode.PERMANENT]
-        if reason == Reason.PERMANENT_ERROR and permanent:
-            message = failure_reason(permanent[-1])
-        elif failed and reason == Reason.BACKOFF_LIMIT_EXCEEDED:
-            message = f"{message}; last failure: {failure_reason(failed[-1])}"
-        final = termination_message(failed[-1]) if failed else None
-        if final is not None:
-            status.metrics = {**(status.metrics or {}), **final.metrics} or None
-            status.last_checkpoint = final.last_checkpoint or status.last_checkpoint
-        status.phase = Phase.FAILED  # type: ignore[assignment]
-        status.completion_time = status.completion_time or parse_time(failed_cond.get("lastTransitionTime")) or now
-        set_condition(status.conditions, ConditionType.FAILED, True, reason, message, now, gen)
-        set_condition(status.conditions, ConditionType.RUNNING, False, reason, message, now, gen)
-    elif done_cond is not None:
-        status.phase = Phase.SUCCEEDED  # type: ignore[assignment]
-        status.completion_time = (
-            status.completion_time or parse_time(jstatus.get("completionTime"))
-            or parse_time(done_cond.get("lastTransitionTime")) or now
-        )
-        succeeded = [p for p in pods if _phase(p) == "Succeeded"]
-        rank0 = [p for p in succeeded if _index(p) == 0] or succeeded
-        final = termination_message(rank0[-1]) if rank0 else None
-        if final is not None:
-            status.artifact = final.artifact or status.artifact
-            status.last_checkpoint = final.last_checkpoint or status.last_checkpoint
-            status.metrics = {**(status.metrics or {}), **final.metrics} or None
-        progress = status.progress or Progress()
-        total = progress.total_steps
-        status.progress = Progress(
-            step=total if total else progress.step, total_steps=total, epoch=progress.epoch, percent=100, eta_seconds=0
-        )
-        msg = f"training finished; artifact at {status.artifact.uri}" if status.artifact else "training finished"
-        set_condition(status.conditions, ConditionType.SUCCEEDED, True, Reason.SUCCEEDED, msg, now, gen)
-        set_condition(status.conditions, ConditionType.RUNNING, False, Reason.SUCCEEDED, msg, now, gen)
-    elif suspended:
-        queued = not spec.suspend and bool(spec.queue_name)
-        if queued:
-            status.phase = Phase.PENDING  # type: ignore[assignment]
-            msg = f"waiting for Kueue to admit the Job in queue {spec.queue_name}"
-            set_condition(status.conditions, ConditionType.RUNNING, False, Reason.QUEUED, msg, now, gen)
-        else:
-            status.phase = Phase.SUSPENDED  # type: ignore[assignment]
-            msg = "spec.suspend is true: the Job's pods are stopped"
-            set_condition(status.conditions, ConditionType.SUSPENDED, True, Reason.SUSPENDED, msg, now, gen)
-            set_condition(status.conditions, ConditionType.RUNNING, False, Reason.SUSPENDED, msg, now, gen)
+    u.status.progress = _progress(u.status.progress, seen.metrics, u.status.start_time, u.now)
+    if seen.metrics:
+        u.status.metrics = _merge_metrics(u.status.metrics, scraped_status_metrics(seen.metrics))
+    _count_restarts(u, pods)
+    if (failed := _job_condition(job, "Failed", "FailureTarget")) is not None:
+        _failed(u, failed, pods)
+    elif (done := _job_condition(job, "Complete", "SuccessCriteriaMet")) is not None:
+        _succeeded(u, job, done, pods)
+    elif (job.get("spec") or {}).get("suspend"):
+        _suspended(u, spec)
     else:
-        if is_true(status, ConditionType.SUSPENDED):
-            set_condition(status.conditions, ConditionType.SUSPENDED, False, Reason.RESUMED, "resumed", now, gen)
-        # Every pod exited 0 but the Job controller has not marked the Job Complete yet (the two
-        # arrive on separate watches): still Running, not back to Pending for a moment.
-        finishing = (not running_pods and status.phase == Phase.RUNNING
-                     and any(_phase(p) == "Succeeded" for p in pods))
-        if finishing:
-            pass
-        elif running_pods:
-            status.phase = Phase.RUNNING  # type: ignore[assignment]
-            msg = f"{len(running_pods)}/{spec.resources.nodes} trainer pods running"
-            set_condition(status.conditions, ConditionType.RUNNING, True, Reason.RUNNING, msg, now, gen)
-        else:
-            status.phase = Phase.PENDING  # type: ignore[assignment]
-            msg = "waiting for trainer pods to start"
-            set_condition(status.conditions, ConditionType.RUNNING, False, Reason.PENDING, msg, now, gen)
+        _active(u, spec, pods)
+    _stalled(u, seen.stalled)
+    return u.status
 
-    if status.phase == Phase.RUNNING and seen.stalled is not None:
-        set_condition(status.conditions, ConditionType.STALLED, True, Reason.STALLED, seen.stalled, now, gen)
-    elif is_true(status, ConditionType.STALLED) and (status.phase != Phase.RUNNING or seen.stalled is None):
-        if status.phase == Phase.RUNNING:
-            reason, msg = Reason.RUNNING, "the step moves again"
-        else:
-            reason, msg = str(status.phase), f"no trainer pod is running (phase {status.phase})"
-        set_condition(status.conditions, ConditionType.STALLED, False, reason, msg, now, gen)
-    return status
+
+# --- the stall watchdog -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StallClock:
+    """The step the watchdog last saw move, and when (time.monotonic())."""
+
+    step: int
+    since: float
+
+
+def stall_clock(clock: StallClock | None, metrics: dict[str, float] | None, running: bool,
+                now: float) -> StallClock | None:
+    """The clock after one reading: restarted when the step moves, dropped when no pod runs."""
+    if not running:
+        return None
+    if not metrics or TrainerMetric.STEP not in metrics:
+        return clock  # no reading is no evidence either way; the clock starts at the first reading
+    step = int(metrics[TrainerMetric.STEP])
+    return clock if clock is not None and clock.step == step else StallClock(step, now)
+
+
+def stall_message(clock: StallClock | None, now: float, limit: float) -> str | None:
+    """A message when the step has not moved for `limit` seconds, else None."""
+    if clock is None:
+        return None
+    idle = now - clock.since
+    if idle < limit:
+        return None
+    return f"step {clock.step} has not moved for {int(idle)}s (limit {int(limit)}s)"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The new status and, when the watchdog restarts the workload, why (the pods get evicted)."""
+
+    status: FineTuneJobStatus
+    restart: str | None = None
+
+
+def decide(name: str, spec: FineTuneJobSpec, prev: FineTuneJobStatus | None, seen: Observed) -> Decision:
+    """The status, and whether to restart a stalled workload: a running job whose step is stuck,
+    at most MAX_STALL_RESTARTS times (a second stall is only reported: restarting again would
+    likely loop)."""
+    new = compute_status(name, spec, prev, seen)
+    if seen.stalled is None or new.phase != Phase.RUNNING or seen.stall_restarts >= MAX_STALL_RESTARTS:
+        return Decision(new)
+    reason = f"{Reason.STALLED}: {seen.stalled}"
+    # Evicted pods may vanish before they are seen failed: the restart is counted here.
+    new.restarts += 1
+    new.last_restart_reason = reason
+    return Decision(new, reason)
 
 
 # --- milestones -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 from finetune_api import constants as c
+from finetune_operator.builders import JOB_CONTROLLER_UID_LABEL as JOB_UID_LABEL
 from finetune_operator.controller import Controller
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.settings import Settings
@@ -24,6 +25,8 @@ class MemoryKube:
         self.events: list[str] = []
         self.pods: list[dict[str, Any]] = []
         self.reads: list[str] = []
+        self.patches: list[tuple[str, dict[str, Any]]] = []
+        self.restarted: list[str] = []
         self._rv = 100
 
     def _bump(self, obj: dict[str, Any]) -> None:
@@ -55,20 +58,24 @@ class MemoryKube:
             return copy.deepcopy(self.objects[key]), False
         self.creates.append(obj["kind"])
         self.objects[key] = copy.deepcopy(obj)
+        self.objects[key]["metadata"]["uid"] = f"{obj['kind'].lower()}-uid-{len(self.creates)}"
         self._bump(self.objects[key])
         return copy.deepcopy(self.objects[key]), True
 
-    def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
-        job = self.objects[("Job", namespace, name)]
-        job["spec"]["suspend"] = suspend
-        return copy.deepcopy(job)
+    def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.patches.append((kind, patch))
+        obj = self.objects[(kind, namespace, name)]
+        for section, values in patch.items():
+            obj.setdefault(section, {}).update(values)
+        self._bump(obj)
+        return copy.deepcopy(obj)
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
         self.reads.append("list pods")
         return copy.deepcopy(self.pods)
 
     def restart_pod(self, namespace: str, name: str, reason: str) -> None:
-        raise AssertionError("no restarts expected")
+        self.restarted.append(name)
 
     def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         self.events.append(reason)
@@ -138,10 +145,15 @@ def test_gauge_counts_phases_and_forgets_deleted_jobs() -> None:
     assert ctl.metrics.jobs.labels(phase=c.Phase.PENDING)._value.get() == 0
 
 
-def running_pod(uid: str = "pod-uid", rv: str = "500", phase: str = "Running") -> dict[str, Any]:
+def running_pod(uid: str = "pod-uid", rv: str = "500", phase: str = "Running", job_uid: str | None = "job-uid-2",
+                name: str = "tune-0-abc") -> dict[str, Any]:
+    """A trainer pod of the Job (`job_uid`: its owner; the first Job MemoryKube makes), or, with
+    job_uid None, a pod that only carries the trainer's labels."""
+    owners = [{"apiVersion": "batch/v1", "kind": "Job", "name": "tune", "uid": job_uid, "controller": True}]
     return {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "tune-0-abc", "namespace": "ns", "uid": uid, "resourceVersion": rv,
+        "metadata": {"name": name, "namespace": "ns", "uid": uid, "resourceVersion": rv,
+                     "ownerReferences": owners if job_uid else [],
                      "labels": {c.LABEL_JOB_NAME: "tune", c.LABEL_MANAGED_BY: c.MANAGED_BY,
                                 c.LABEL_COMPONENT: "trainer"},
                      "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
@@ -157,7 +169,7 @@ def test_steady_state_reads_nothing_from_the_api() -> None:
     ctl.seen_ftj(None, kube.get_ftj("ns", "tune"))
     kube.reads.clear()
     ctl.reconcile("ns", "tune", full=True)  # the create handler: new job, so create without reading
-    assert kube.reads == [f"ensure {k} read_first=False" for k in ("ConfigMap", "Service", "Job")]
+    assert kube.reads == [f"ensure {k} read_first=False" for k in ("ConfigMap", "Job", "Service")]
     job = copy.deepcopy(kube.objects[("Job", "ns", "tune")])
     job["status"] = {"active": 1, "startTime": "2026-11-29T10:00:01Z"}
     assert ctl.seen_job("MODIFIED", job) == "ns/tune"
@@ -182,6 +194,11 @@ def test_a_lost_job_is_recreated_only_after_the_api_confirms_the_owner_exists() 
     ctl.reconcile("ns", "tune")
     assert kube.reads[0] == "get finetunejob"
     assert kube.creates.count("Job") == 2
+    # Told and counted; the Service now selects the new Job's pods.
+    assert kube.events.count(c.Reason.RECREATED) == 1
+    assert ctl.metrics.children_recreated.labels(kind="Job")._value.get() == 1
+    new_uid = kube.objects[("Job", "ns", "tune")]["metadata"]["uid"]
+    assert kube.objects[("Service", "ns", "tune")]["spec"]["selector"][JOB_UID_LABEL] == new_uid
     # The FineTuneJob itself is gone, but its DELETED event trails the Job's: nothing is re-created.
     ctl.seen_job("DELETED", copy.deepcopy(kube.objects[("Job", "ns", "tune")]))
     del kube.ftjs[("ns", "tune")]
@@ -218,7 +235,7 @@ def test_cache_keeps_only_what_the_controller_reads() -> None:
     ctl, _ = controller(body())
     ctl.seen_pod("ADDED", running_pod())
     ctl.seen_pod("DELETED", running_pod())
-    assert ctl.cache.sizes() == {"finetunejobs": 0, "jobs": 0, "pods": 0}
+    assert ctl.cache.sizes() == {"finetunejobs": 0, "jobs": 0, "configmaps": 0, "services": 0, "pods": 0}
 
 
 def test_a_job_created_during_a_resync_pass_is_not_forgotten() -> None:
@@ -310,3 +327,46 @@ def test_workers_reconcile_queued_jobs() -> None:
         t.join(timeout=5)
     assert sorted(kube.creates) == ["ConfigMap", "Job", "Service"]
     assert kube.ftjs[("ns", "tune")]["status"]["phase"] == c.Phase.PENDING
+
+
+def test_a_deleted_config_map_or_service_is_made_again_told_and_counted() -> None:
+    ctl, kube = controller(body())
+    ctl.seen_ftj(None, kube.get_ftj("ns", "tune"))
+    ctl.reconcile("ns", "tune", full=True)
+    for kind, name in (("ConfigMap", "tune-spec"), ("Service", "tune")):
+        gone = kube.objects.pop((kind, "ns", name))
+        key = ctl.seen_child(kind, "DELETED", copy.deepcopy(gone))  # what the watch delivers
+        assert key == "ns/tune"
+        ctl.reconcile("ns", "tune")
+        assert (kind, "ns", name) in kube.objects, kind
+        assert ctl.metrics.children_recreated.labels(kind=kind)._value.get() == 1
+    assert sorted(kube.creates) == ["ConfigMap", "ConfigMap", "Job", "Service", "Service"]
+    assert kube.events.count(c.Reason.RECREATED) == 2
+    # Our own creations ask for nothing; a resync with every child in place reads and writes nothing.
+    assert ctl.seen_child("ConfigMap", "ADDED", copy.deepcopy(kube.objects[("ConfigMap", "ns", "tune-spec")])) is None
+    kube.reads.clear()
+    ctl.resync()
+    assert kube.reads == [] and kube.creates.count("ConfigMap") == 2
+
+
+def test_only_pods_owned_by_the_job_count_join_the_service_and_can_be_evicted(monkeypatch: Any) -> None:
+    import finetune_operator.controller as controller_module
+
+    ctl, kube = controller(body())
+    ctl.settings = Settings(trainer_image="img", stall_timeout=0.0)  # any unmoved step is a stall
+    ctl.seen_ftj(None, kube.get_ftj("ns", "tune"))
+    ctl.reconcile("ns", "tune", full=True)
+    job_uid = kube.objects[("Job", "ns", "tune")]["metadata"]["uid"]
+    assert kube.objects[("Service", "ns", "tune")]["spec"]["selector"][JOB_UID_LABEL] == job_uid
+    # A pod with the trainer's labels that no Job of ours made: not a trainer.
+    ctl.seen_pod("ADDED", running_pod(uid="x", job_uid=None, name="lookalike"))
+    ctl.reconcile("ns", "tune")
+    assert kube.ftjs[("ns", "tune")]["status"]["phase"] == c.Phase.PENDING
+    ctl.seen_pod("ADDED", running_pod(job_uid=job_uid))
+    monkeypatch.setattr(controller_module, "scrape", lambda url, timeout: {c.TrainerMetric.STEP: 5.0})
+    ctl.reconcile("ns", "tune")  # the stall clock starts
+    status = kube.ftjs[("ns", "tune")]["status"]
+    [running] = [x for x in status["conditions"] if x["type"] == c.ConditionType.RUNNING]
+    assert running["message"] == "1/1 trainer pods running"
+    ctl.reconcile("ns", "tune")  # stalled: the watchdog restarts the workload
+    assert kube.restarted == ["tune-0-abc"]

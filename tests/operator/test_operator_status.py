@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,10 +12,15 @@ from finetune_api import parse_spec
 from finetune_api.status import FineTuneJobStatus
 from finetune_operator.status_rules import (
     Observed,
+    StallClock,
     compute_status,
+    decide,
     get_condition,
     invalid_spec_status,
     milestones,
+    pods_of,
+    stall_clock,
+    stall_message,
 )
 from finetune_operator.status_rules import changed as status_changed
 from operator_specs import job_manifest
@@ -190,3 +196,43 @@ def test_status_read_back_from_the_api_server_compares_equal() -> None:
     stored = FineTuneJobStatus.model_validate(json.loads(json.dumps(st.wire())))
     again = compute_status("tune", SPEC, stored, Observed(1, job(), (pod("p0", "Running"),), metrics(5), now=T0))
     assert not status_changed(stored, again)
+
+
+def test_the_stall_clock_restarts_when_the_step_moves_and_stops_with_the_pods() -> None:
+    clock = stall_clock(None, metrics(5), running=True, now=100.0)
+    assert clock == StallClock(step=5, since=100.0)
+    assert stall_clock(clock, metrics(5), True, 150.0) is clock
+    assert stall_clock(clock, None, True, 150.0) is clock  # no reading is no evidence
+    assert stall_clock(clock, metrics(6), True, 150.0) == StallClock(step=6, since=150.0)
+    assert stall_clock(clock, metrics(5), False, 150.0) is None
+    assert stall_clock(None, None, True, 150.0) is None  # the clock starts at the first reading
+    assert stall_message(clock, 159.0, limit=60) is None
+    assert stall_message(clock, 161.0, limit=60) == "step 5 has not moved for 61s (limit 60s)"
+    assert stall_message(None, 1e9, limit=60) is None
+
+
+def test_the_watchdog_restarts_a_stalled_running_job_once_then_only_reports_it() -> None:
+    stuck = "step 5 has not moved for 61s (limit 60s)"
+    seen = Observed(1, job(), (pod("p0", "Running"),), metrics(5), stalled=stuck, now=T0)
+    first = decide("tune", SPEC, None, seen)
+    assert first.restart == f"{c.Reason.STALLED}: {stuck}"
+    # Counted at once: the evicted pods may vanish before they are seen failed.
+    assert first.status.restarts == 1 and first.status.last_restart_reason == first.restart
+    assert get_condition(first.status, c.ConditionType.STALLED).status == "True"  # type: ignore[union-attr]
+    again = decide("tune", SPEC, None, replace(seen, stall_restarts=1))
+    assert again.restart is None and again.status.restarts == 0
+    assert get_condition(again.status, c.ConditionType.STALLED).status == "True"  # type: ignore[union-attr]
+    finished = replace(seen, job=job(("Complete", "CompletionsReached")), pods=(pod("p0", "Succeeded", 0),))
+    assert decide("tune", SPEC, None, finished).restart is None  # only a running job is restarted
+    assert decide("tune", SPEC, None, replace(seen, stalled=None)).restart is None
+
+
+def test_only_pods_the_job_owns_are_its_pods() -> None:
+    the_job = {**job(), "metadata": {"name": "tune", "uid": "job-1"}}
+    mine = pod("tune-0-a", "Running")
+    mine["metadata"]["ownerReferences"] = [{"kind": "Job", "name": "tune", "uid": "job-1", "controller": True}]
+    older = pod("tune-0-b", "Running")  # of a Job of the same name that was deleted
+    older["metadata"]["ownerReferences"] = [{"kind": "Job", "name": "tune", "uid": "job-0", "controller": True}]
+    foreign = pod("lookalike", "Running")  # the trainer's labels, no owner
+    assert pods_of(the_job, [mine, older, foreign]) == [mine]
+    assert pods_of(None, [mine]) == []
