@@ -1,7 +1,7 @@
 """Kueue's real controller manager (built by `make tools`, group kueue) on a test cluster.
 
     kueue = KueueController(cluster, state_dir).start()
-    kueue.create_queues("my-namespace")      # ResourceFlavor, ClusterQueue, LocalQueue, priorities
+    q = kueue.create_queues("my-namespace")  # ResourceFlavor, ClusterQueue, LocalQueue, priorities
 
 How it runs outside a cluster, and why:
 
@@ -36,10 +36,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from finetune_api import constants as c
 
 from harness.cluster import (
     GPU_PRODUCT,
@@ -57,8 +59,8 @@ from harness.cluster import (
 #: What the kueue group of `make tools` copies from the module: crds/*.yaml, webhooks.yaml, VERSION.
 KUEUE_SHARE = TOOLS_BIN.parent / "share" / "kueue"
 
-GROUP = "kueue.x-k8s.io"
-VERSION = "v1beta2"
+GROUP = c.KUEUE_GROUP
+VERSION = c.KUEUE_VERSION
 NAMESPACE = "kueue-system"
 WEBHOOK_SERVICE = "kueue-webhook-service"
 WEBHOOK_SECRET = "kueue-webhook-server-cert"
@@ -69,15 +71,17 @@ CONVERSION_CRDS = ("localqueues", "clusterqueues", "cohorts", "workloads", "mult
 #: Webhook paths we keep: Kueue's own kinds and batch/v1 Jobs.
 KEPT_WEBHOOK_PATHS = ("-kueue-x-k8s-io-", "-batch-v1-job")
 
-#: Kueue's labels on a Job (the operator sets them from spec.queueName and the FineTuneJob's label).
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"
-
 FLAVOR = "h200"
-CLUSTER_QUEUE = "gpu-cluster-queue"
 LOCAL_QUEUE = "gpu-queue"
 HIGH_PRIORITY = "high"
 LOW_PRIORITY = "low"
+
+
+@dataclass(frozen=True)
+class Queues:
+    namespace: str
+    cluster_queue: str
+    local_queue: str = LOCAL_QUEUE
 
 
 def require_kueue() -> None:
@@ -265,17 +269,19 @@ class KueueController:
         atexit.unregister(self.stop)
 
     # -- queues --------------------------------------------------------------------------------
-    def create_queues(self, namespace: str, gpus: int = 8) -> None:
-        """ResourceFlavor `h200` (the fake H200 nodes), ClusterQueue `gpu-cluster-queue` with `gpus`
-        nvidia.com/gpu (CPU, memory and disk without a real limit: GPUs are what is short) that
-        preempts lower priorities, LocalQueue `gpu-queue` in namespace, priorities `high`/`low`."""
+    def create_queues(self, namespace: str, gpus: int = 8) -> Queues:
+        """ResourceFlavor `h200` (the fake H200 nodes), a ClusterQueue `gpus-<namespace>` for that
+        namespace only with `gpus` nvidia.com/gpu (CPU, memory and disk without a real limit: GPUs
+        are what is short) that preempts lower priorities, LocalQueue `gpu-queue` in namespace,
+        WorkloadPriorityClasses `high` (1000) and `low` (100)."""
+        cq = f"gpus-{namespace}"
         big = {"cpu": "10000", "memory": "100Ti", "ephemeral-storage": "1000Ti"}
         objs: list[dict[str, Any]] = [
             {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ResourceFlavor", "metadata": {"name": FLAVOR},
              "spec": {"nodeLabels": {"nvidia.com/gpu.product": GPU_PRODUCT}}},
-            {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ClusterQueue", "metadata": {"name": CLUSTER_QUEUE},
+            {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ClusterQueue", "metadata": {"name": cq},
              "spec": {
-                 "namespaceSelector": {},
+                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
                  "preemption": {"withinClusterQueue": "LowerPriority"},
                  "resourceGroups": [{
                      "coveredResources": [*big, GPU_RESOURCE],
@@ -301,15 +307,24 @@ class KueueController:
                 raise ClusterError(f"creating Kueue's queues failed: {proc.stderr}\n{_tail(self.log_path, 30)}")
             time.sleep(1)
         self.cluster.apply({"apiVersion": f"{GROUP}/{VERSION}", "kind": "LocalQueue",
-                            "metadata": {"name": LOCAL_QUEUE}, "spec": {"clusterQueue": CLUSTER_QUEUE}},
+                            "metadata": {"name": LOCAL_QUEUE}, "spec": {"clusterQueue": cq}},
                            namespace=namespace)
 
         def active() -> bool:
-            cq = self.cluster.get_json(f"clusterqueues.{GROUP}", CLUSTER_QUEUE)
-            return any(c["type"] == "Active" and c["status"] == "True"
-                       for c in (cq.get("status") or {}).get("conditions") or [])
+            obj = self.cluster.get_json(f"clusterqueues.{GROUP}", cq)
+            return any(x["type"] == "Active" and x["status"] == "True"
+                       for x in (obj.get("status") or {}).get("conditions") or [])
 
-        wait_until(active, 60, f"ClusterQueue {CLUSTER_QUEUE} to be Active")
+        wait_until(active, 60, f"ClusterQueue {cq} to be Active")
+        return Queues(namespace=namespace, cluster_queue=cq)
 
     def workloads(self, namespace: str) -> list[dict[str, Any]]:
         return list(self.cluster.get_json(f"workloads.{VERSION}.{GROUP}", "-n", namespace)["items"])
+
+
+@dataclass(frozen=True)
+class KueueCluster:
+    """A test cluster with Kueue running on it (tests/kueue's fixture)."""
+
+    cluster: TestCluster
+    kueue: KueueController
