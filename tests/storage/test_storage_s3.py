@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from finetune_api.constants import MANIFEST_FILE
+from finetune_api.constants import MANIFEST_FILE, Env, StorageEnv
 from finetune_trainer import storage
 from finetune_trainer.storage import StorageError
 from harness.cluster import MinioServer
@@ -256,3 +256,40 @@ def test_upload_during_a_long_outage_fails_cleanly(
     assert storage.read_manifest(uri) is None  # files may be there, the manifest is not
     fs, root = storage.resolve(uri)
     assert 1 <= len(fs.find(root)) < 5
+
+
+def test_credentials_mounted_as_files_are_read_from_there(
+    minio_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's --credentials-as-files: the Secret's keys are files under Env.CREDENTIALS_DIR
+    and none of them is in the environment; the trainer reads and uses the files."""
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    for key in StorageEnv.ALL:
+        monkeypatch.delenv(key, raising=False)
+        if key in minio_env:
+            (creds / key).write_text(minio_env[key] + "\n")  # Secrets often end in a newline
+    monkeypatch.setenv(Env.CREDENTIALS_DIR, str(creds))
+    bucket = new_bucket()
+    uri = f"s3://{bucket}/from-files"
+    _, artifact = storage.publish(write_files(tmp_path / "src", {"a.bin": 1000}), uri, kind="artifact")
+    assert storage.artifact_of(uri) == artifact
+
+    # The file wins over the environment: a wrong secret there is refused, and never shown.
+    wrong = "wrong-secret-from-the-file-7c1e"
+    (creds / StorageEnv.SECRET_ACCESS_KEY).write_text(wrong)
+    monkeypatch.setenv(StorageEnv.SECRET_ACCESS_KEY, minio_env[StorageEnv.SECRET_ACCESS_KEY])
+    with pytest.raises(StorageError) as err:
+        storage.check_writable(f"s3://{bucket}/denied")
+    assert err.value.permanent and wrong not in str(err.value)
+
+
+def test_unreadable_credentials_file_is_a_permanent_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = tmp_path / "credentials"
+    (creds / StorageEnv.ACCESS_KEY_ID).mkdir(parents=True)  # a directory where a file should be
+    monkeypatch.setenv(Env.CREDENTIALS_DIR, str(creds))
+    with pytest.raises(StorageError, match=f"cannot read storage credentials file {creds}/AWS_ACCESS_KEY_ID") as err:
+        storage.resolve("s3://bucket/x")
+    assert err.value.permanent

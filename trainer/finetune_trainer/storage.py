@@ -6,8 +6,9 @@ absolute or ``./relative`` paths, and ``pvc://claim/path`` (the claim mounted by
 
 S3 endpoint, region and credentials come from the environment the operator fills from the
 output's credentials Secret (``finetune_api.constants.StorageEnv``: AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION). They are handed to s3fs only: never logged,
-never put in an exception message, a manifest or a return value.
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION), or, when the operator mounts that Secret as
+files (``Env.CREDENTIALS_DIR`` set), from the files of those names there. They are handed to s3fs
+only: never logged, never put in an exception message, a manifest or a return value.
 
 Public API:
 
@@ -59,7 +60,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import fsspec
-from finetune_api.constants import CHECKPOINT_PREFIX, MANIFEST_FILE, PVC_MOUNT_ROOT, Reason, StorageEnv
+from finetune_api.constants import CHECKPOINT_PREFIX, MANIFEST_FILE, PVC_MOUNT_ROOT, Env, Reason, StorageEnv
 from finetune_api.status import Artifact, FileEntry, Manifest
 from fsspec.implementations.local import LocalFileSystem
 
@@ -127,10 +128,35 @@ class IntegrityError(PermanentStorageError):
         super().__init__(message, uri=uri, permanent=True)
 
 
+def _read_setting(name: str) -> str | None:
+    """The file `name` in Env.CREDENTIALS_DIR when that is set and has it (the Secret mounted as
+    files), else the environment variable `name`. OSError when the file cannot be read."""
+    folder = os.environ.get(Env.CREDENTIALS_DIR)
+    if folder:
+        try:
+            return (Path(folder) / name).read_text().strip() or None
+        except FileNotFoundError:
+            pass  # an optional key (AWS_REGION, ...) the Secret does not have
+    return os.environ.get(name) or None
+
+
+def storage_setting(name: str) -> str | None:
+    """A StorageEnv value, from the mounted credentials files or the environment."""
+    try:
+        return _read_setting(name)
+    except OSError as exc:
+        path = Path(os.environ.get(Env.CREDENTIALS_DIR, "")) / name
+        raise StorageError(f"cannot read storage credentials file {path}: {exc.strerror}",
+                           uri=str(path), permanent=True) from None
+
+
 def _scrub(text: str) -> str:
     """Remove credential values from a text (defence in depth: error texts come from libraries)."""
     for name in StorageEnv.SECRETS:
-        value = os.environ.get(name)
+        try:
+            value = _read_setting(name)
+        except OSError:  # unreadable: then the libraries never saw it either
+            value = os.environ.get(name)
         if value and len(value) >= 8:
             text = text.replace(value, "***")
     return text
@@ -142,7 +168,6 @@ def _scrub(text: str) -> str:
 def _s3_filesystem() -> fsspec.AbstractFileSystem:
     import s3fs  # imported lazily: local runs need no boto stack
 
-    env = os.environ
     client_kwargs: dict[str, Any] = {}
     # botocore retries little: this module's RETRY is the one policy, with a known total window.
     config_kwargs: dict[str, Any] = {
@@ -150,16 +175,17 @@ def _s3_filesystem() -> fsspec.AbstractFileSystem:
         "read_timeout": 60,
         "retries": {"mode": "standard", "max_attempts": 2},
     }
-    if env.get(StorageEnv.REGION):
-        client_kwargs["region_name"] = env[StorageEnv.REGION]
-    endpoint = env.get(StorageEnv.ENDPOINT_URL) or None
+    region = storage_setting(StorageEnv.REGION)
+    if region:
+        client_kwargs["region_name"] = region
+    endpoint = storage_setting(StorageEnv.ENDPOINT_URL)
     if endpoint:
         # S3-compatible servers (MinIO, Ceph...) are addressed by path, not by bucket host name.
         config_kwargs["s3"] = {"addressing_style": "path"}
     return s3fs.S3FileSystem(
-        key=env.get(StorageEnv.ACCESS_KEY_ID) or None,
-        secret=env.get(StorageEnv.SECRET_ACCESS_KEY) or None,
-        token=env.get(StorageEnv.SESSION_TOKEN) or None,
+        key=storage_setting(StorageEnv.ACCESS_KEY_ID),
+        secret=storage_setting(StorageEnv.SECRET_ACCESS_KEY),
+        token=storage_setting(StorageEnv.SESSION_TOKEN),
         endpoint_url=endpoint,
         client_kwargs=client_kwargs,
         config_kwargs=config_kwargs,
