@@ -15,6 +15,7 @@ TARGETS = {
     "operator_p99_create_s_1000": ("<=", 1.0),
     "operator_rss_mib_1000": ("<=", 250.0),
     "api_writes_per_job": ("<=", 15.0),
+    "warm_start_ratio": ("<=", 0.3),
 }
 
 
@@ -40,11 +41,13 @@ def headline(sections: dict[str, Any]) -> dict[str, Any]:
         "operator_p99_create_s_1000": _median(big, "probe_latency_s", "p99"),
         "operator_rss_mib_1000": _median(big, "operator_peak_rss_mib"),
         "api_writes_per_job": _median(big or largest, "operator_writes_per_job"),
+        "warm_start_ratio": _median(sections.get("cache"), "warm_start_ratio"),
     }
 
 
 #: headline key -> (section, series) whose runs decide whether a ratio clears its target.
-SPREAD = {"trainer_overhead_ratio": ("overhead", "tokens_per_s_ratio"), "packing_speedup": ("packing", "speedup")}
+SPREAD = {"trainer_overhead_ratio": ("overhead", "tokens_per_s_ratio"), "packing_speedup": ("packing", "speedup"),
+          "warm_start_ratio": ("cache", "warm_start_ratio")}
 
 
 def _verdict(key: str, value: float | None, sections: dict[str, Any]) -> str:
@@ -104,6 +107,8 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += _startup(s["startup"])
     if "operator" in s:
         lines += _operator(s["operator"])
+    if "cache" in s:
+        lines += _cache(s["cache"])
     findings = FINDINGS.read_text().strip() if FINDINGS.exists() else ""
     if findings:
         lines += ["", findings]
@@ -222,6 +227,30 @@ def _startup(s: dict[str, Any]) -> list[str]:
         if s[n].get("profile_top"):
             lines += ["", f"pyinstrument profile of one {n} run (whole run, 1 step; full text in the run folder):",
                       "", "```", s[n]["profile_top"], "```"]
+    return lines
+
+
+def _cache(s: dict[str, Any]) -> list[str]:
+    from .cache_bench import PARTS, SIDES
+
+    lines = [
+        "",
+        "## 5. Time to the first step with the shared model cache: off, cold (empty), warm (second job)",
+        "",
+        _meta(s),
+        "",
+        f"Model `{s['model']}` ({s['model_bytes'] / 1e6:.0f} MB) and data read from a local MinIO (s3://), each run a "
+        "fresh `run_job` process as in a pod. Seconds (median, min-max); the parts before the first step:",
+        "",
+        "| part | " + " | ".join(SIDES) + " |",
+        "|---|" + "---|" * len(SIDES),
+    ]
+    for key, label in PARTS:
+        lines.append(f"| {label} | " + " | ".join(fmt(s[side][key], 2) for side in SIDES) + " |")
+    lines.append("| model from the cache (status.modelCache) | "
+                 + " | ".join(", ".join(s[side]["model_cache"]) for side in SIDES) + " |")
+    lines.append("| peak RSS (MiB) | " + " | ".join(fmt(s[side]["peak_rss_mib"], 0) for side in SIDES) + " |")
+    lines += ["", f"warm / cold (per pair): **{fmt(s['warm_start_ratio'], 3)}**; warm / off: {fmt(s['warm_over_off'], 3)}"]
     return lines
 
 

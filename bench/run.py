@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench.run [--only overhead,packing,startup,operator] [--runs 5]`.
+"""`make bench` / `python -m bench.run [--only overhead,packing,startup,operator,cache] [--runs 5]`.
 
 Runs the selected benchmarks, merges them into bench/results.json (sections not run this time
 keep their last figures and date) and rewrites bench/RESULTS.md from it.
@@ -16,7 +16,7 @@ from typing import Any
 from . import report
 from .common import REPO, load_average, machine
 
-SECTIONS = ("overhead", "packing", "startup", "operator")
+SECTIONS = ("overhead", "packing", "startup", "operator", "cache")
 ALIASES = {"trainer": ("overhead",), "all": SECTIONS}
 
 
@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elif name == "startup":
             models = ("tiny",) if args.quick else ("tiny", "100m")
             section = trainer_bench.startup(args.runs, args.workdir, models=models, profile=not args.quick)
+        elif name == "cache":
+            from . import cache_bench
+
+            section = cache_bench.cache(args.runs, args.workdir)
         else:
             from . import operator_bench
 

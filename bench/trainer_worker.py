@@ -170,6 +170,22 @@ def _timed(module: Any, attr: str, phases: dict[str, float]) -> None:
     setattr(module, attr, wrapper)
 
 
+def _timed_fetch(uris: Any) -> dict[str, float]:
+    """Seconds spent fetching each remote source (uris.fetch: download, or the cache's lookup)."""
+    seconds: dict[str, float] = {}
+    fetch = uris.fetch
+
+    def wrapper(uri: str, workdir: Path) -> Any:
+        t = time.perf_counter()
+        try:
+            return fetch(uri, workdir)
+        finally:
+            seconds[uri] = seconds.get(uri, 0.0) + time.perf_counter() - t
+
+    uris.fetch = wrapper
+    return seconds
+
+
 def spec_dict(cfg: dict[str, Any]) -> dict[str, Any]:
     hp = cfg["hp"]
     return {
@@ -194,12 +210,13 @@ def ours(cfg: dict[str, Any]) -> dict[str, Any]:
     import transformers  # noqa: F401
     import trl  # noqa: F401
     from finetune_api.resource import parse_spec
-    from finetune_trainer import data, models, output
+    from finetune_trainer import cache, data, models, output, uris
     from finetune_trainer.recipes import sft
     from finetune_trainer.runner import Overrides, run_job
 
     mark("imports")
     phases: dict[str, float] = {}
+    fetch_s = _timed_fetch(uris)
     _timed(models, "load_model", phases)
     _timed(data, "prepare_sft", phases)
     _timed(sft, "build_trainer", phases)
@@ -216,6 +233,8 @@ def ours(cfg: dict[str, Any]) -> dict[str, Any]:
     out = timer.result(result.recipe.trainer.state)
     out["phases"] = phases
     out["run_job_s"] = total
+    out["fetch_s"] = fetch_s
+    out["model_cache"] = cache.outcome(cfg["model"])
     out["eval_loss"] = result.metrics.get("tuned", {}).get("evalLoss")
     out["base_eval_loss"] = result.metrics.get("base", {}).get("evalLoss")
     return out

@@ -1,0 +1,130 @@
+"""Time to the first optimizer step with the shared model cache: cold (empty cache) vs warm.
+
+The 100m model (about 110 M parameters, 440 MB of fp32 safetensors, random weights built from a
+config) and the data set are published to a local MinIO; each run is a fresh `run_job` process
+(bench.trainer_worker) that reads them from s3:// as a pod does. Pairs, one per run:
+
+- off:  the cache switched off (today's behaviour: a download into the run's scratch);
+- cold: an empty cache folder (download, verify, fill);
+- warm: the same folder again, as the second job on the same base.
+
+The process's clock starts when the parent starts it (pod start); each run reports the marks of
+trainer_worker (imports, model loaded, data prepared, trainer built, baseline evaluation done,
+first optimizer step), the seconds spent fetching each source, and the model load without its
+fetch. warm_start_ratio = median warm / median cold time to the first optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from finetune_api.constants import Env
+
+from . import fixtures
+from .common import Child, run_children, summary
+from .trainer_bench import LORA, _drop_outputs, _fresh, hyperparameters
+
+MODEL = "100m"
+SIDES = ("off", "cold", "warm")
+#: Points of time before the first step that are not download (seconds since process start).
+PARTS = (
+    ("imports", "imports (torch, transformers, trl, ours)"),
+    ("download_s", "download: model and data (fetch, through the cache when on)"),
+    ("load_s", "model and tokenizer load (without the download)"),
+    ("data_s", "data set prepared (without its download)"),
+    ("build_s", "PEFT wrap and trainer built"),
+    ("baseline_eval_s", "baseline evaluation of the base model (evaluation.baseline)"),
+    ("train_begin_to_step_s", "train() entered to the first optimizer step done"),
+    ("first_step_s", "process start to the first optimizer step"),
+)
+
+
+def _publish(minio_env: dict[str, str], bucket: str, model: Path, train: Path, held: Path) -> dict[str, str]:
+    import os
+
+    from finetune_trainer import storage
+
+    saved = {k: os.environ.get(k) for k in minio_env}
+    os.environ.update(minio_env)
+    try:
+        fs, _ = storage.resolve(f"s3://{bucket}")
+        fs.mkdir(bucket)
+        storage.publish(model, f"s3://{bucket}/models/{MODEL}", kind="artifact")
+        fs.put_file(str(train), f"{bucket}/data/train.jsonl")
+        fs.put_file(str(held), f"{bucket}/data/eval.jsonl")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"model": f"s3://{bucket}/models/{MODEL}", "train": f"s3://{bucket}/data/train.jsonl",
+            "eval": f"s3://{bucket}/data/eval.jsonl"}
+
+
+def _one(cfg: dict[str, Any], run_dir: Path, env: dict[str, str]) -> Child:
+    (run_dir / "config.json").write_text(json.dumps({**cfg, "output": str(run_dir / "out")}))
+    child = run_children([(["-m", "bench.trainer_worker", "ours", str(run_dir / "config.json")],
+                           run_dir / "run.log", env)])[0]
+    _drop_outputs(run_dir)
+    return child
+
+
+def _parts(child: Child, uris: dict[str, str]) -> dict[str, float]:
+    r = child.result
+    marks, phases, fetch = r["marks"], r["phases"], r.get("fetch_s", {})
+    model_fetch = fetch.get(uris["model"], 0.0)
+    data_fetch = sum(v for k, v in fetch.items() if k != uris["model"])
+    return {
+        "imports": marks["imports"],
+        "download_s": model_fetch + data_fetch,
+        "download_model_s": model_fetch,
+        "load_s": phases["load_model"] - model_fetch,
+        "data_s": phases.get("prepare_sft", 0.0) - data_fetch,
+        "build_s": phases.get("build_trainer", 0.0),
+        # The first evaluation is the baseline (the tuned one comes after training).
+        "baseline_eval_s": marks["evaluate_done"] - marks["build_trainer_done"] if "evaluate_done" in marks else 0.0,
+        "train_begin_to_step_s": marks["first_optimizer_step"] - marks["train_begin"],
+        "first_step_s": marks["first_optimizer_step"],
+    }
+
+
+def cache(runs: int, workdir: Path) -> dict[str, Any]:
+    from harness.cluster import MinioServer
+
+    model = fixtures.model_dir(MODEL)
+    size = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
+    train, held = fixtures.facts_data()
+    server = MinioServer(_fresh(workdir / "cache-minio"))
+    server.start()
+    try:
+        server.wait_ready()
+        uris = _publish(server.env, "bench", model, train, held)
+        cfg = {**uris, "format": "prompt_completion", "max_length": 128, "hp": hyperparameters(1, 4), "lora": LORA}
+        rows: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
+        children: dict[str, list[Child]] = {side: [] for side in SIDES}
+        for i in range(runs):
+            cache_dir = _fresh(workdir / f"cache-{i}") / "cache"
+            for side in SIDES:
+                env = dict(server.env)
+                if side != "off":
+                    env[Env.CACHE_DIR] = str(cache_dir)
+                child = _one(cfg, _fresh(workdir / f"cache-{side}-{i}"), env)
+                children[side].append(child)
+                rows[side].append(_parts(child, uris))
+            shutil.rmtree(cache_dir.parent, ignore_errors=True)
+        out: dict[str, Any] = {"model": MODEL, "model_bytes": size, "config": {k: v for k, v in cfg.items() if k != "hp"}}
+        for side in SIDES:
+            out[side] = {key: summary([r[key] for r in rows[side]]) for key in rows[side][0]}
+            out[side]["peak_rss_mib"] = summary([c.peak_rss_mib for c in children[side]])
+            out[side]["model_cache"] = sorted({c.result.get("model_cache") or "-" for c in children[side]})
+        out["warm_start_ratio"] = summary([w["first_step_s"] / c["first_step_s"]
+                                           for w, c in zip(rows["warm"], rows["cold"], strict=True)])
+        out["warm_over_off"] = summary([w["first_step_s"] / o["first_step_s"]
+                                        for w, o in zip(rows["warm"], rows["off"], strict=True)])
+        return out
+    finally:
+        server.stop()
