@@ -495,7 +495,14 @@ def desired_suspend(spec: FineTuneJobSpec, creating: bool) -> bool | None:
 
 def build_job(owner: Owner, spec: FineTuneJobSpec, options: BuildOptions) -> dict[str, Any]:
     nodes = spec.resources.nodes
-    extra = {c.KUEUE_QUEUE_LABEL: spec.queue_name} if spec.queue_name else None
+    extra: dict[str, str] = {}
+    if spec.queue_name:
+        # Kueue reads both from the Job: the LocalQueue, and the WorkloadPriorityClass (the
+        # FineTuneJob's label of the same name), which decides who preempts whom in a ClusterQueue.
+        extra[c.KUEUE_QUEUE_LABEL] = spec.queue_name
+        priority = owner.labels.get(c.KUEUE_PRIORITY_CLASS_LABEL)
+        if priority:
+            extra[c.KUEUE_PRIORITY_CLASS_LABEL] = priority
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": nodes,
@@ -512,7 +519,7 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, options: BuildOptions) -> dic
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": metadata(owner, job_name(owner.name), COMPONENT_TRAINER, extra),
+        "metadata": metadata(owner, job_name(owner.name), COMPONENT_TRAINER, extra or None),
         "spec": job_spec,
     }
 

@@ -102,6 +102,8 @@ class WatchCache:
         # kind -> FineTuneJob key -> the child of that kind.
         self._children: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in CHILD_TRIMS}
         self._pods: dict[str, dict[str, dict[str, Any]]] = {}
+        # FineTuneJob key -> Kueue's Workload for its Job (only jobs with spec.queueName have one).
+        self._workloads: dict[str, dict[str, Any]] = {}
 
     # --- FineTuneJobs ----------------------------------------------------------------------------
 
@@ -175,6 +177,21 @@ class WatchCache:
         caller to check (any pod can carry a label)."""
         with self._lock:
             return list((self._pods.get(key) or {}).values())
+
+    def put_workload(self, key: str, body: dict[str, Any], event: str | None = None) -> None:
+        """Record the (trimmed) Workload Kueue made for this FineTuneJob's Job."""
+        with self._lock:
+            held = self._workloads.get(key)
+            same = held is not None and held["metadata"].get("uid") == body["metadata"].get("uid")
+            if event == DELETED:
+                if same:
+                    del self._workloads[key]
+            elif not same or _newer(body, held):
+                self._workloads[key] = body
+
+    def workload(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._workloads.get(key)
 
     def sizes(self) -> dict[str, int]:
         with self._lock:

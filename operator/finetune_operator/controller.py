@@ -27,7 +27,7 @@ from finetune_api.status import FineTuneJobStatus
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import builders, policy
+from . import builders, kueue, policy
 from . import status_rules as status
 from .cache import WatchCache, key_of
 from .k8s import ChildConflict, Kube, api_error_text
@@ -201,6 +201,14 @@ class Controller:
 
     def seen_pod(self, event: str | None, body: dict[str, Any]) -> str | None:
         return self.cache.put_pod(body, event)
+
+    def seen_workload(self, event: str | None, body: dict[str, Any]) -> str | None:
+        """Record a Kueue Workload; returns the key of the FineTuneJob whose Job it is for."""
+        key = kueue.owner_key(body)
+        if key is None or self.cache.ftj(key) is None:
+            return None
+        self.cache.put_workload(key, kueue.trim(body), event)
+        return key
 
     def resync(self, spread_over: float = 0.0) -> None:
         """Reconcile every live job from the cache (progress scraping, the stall watchdog).
@@ -393,7 +401,7 @@ class Controller:
         self._scraped[key] = scraped
         done = (body["metadata"].get("annotations") or {}).get(STALL_RESTARTS_ANNOTATION, "0") or "0"
         return status.Observed(generation=_generation(body), job=job, pods=tuple(pods), metrics=scraped,
-                               stalled=stalled, stall_restarts=int(done))
+                               stalled=stalled, stall_restarts=int(done), workload=self.cache.workload(key))
 
     def _scrape(self, running: list[dict[str, Any]]) -> dict[str, float] | None:
         # Rank 0 reports for the whole job.

@@ -112,3 +112,13 @@ async def owned_service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -
 async def owned_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     ctl = _controller(memo)
     ctl.enqueue(ctl.seen_pod(event["type"], dict(event["object"])))
+
+
+# Kueue's Workloads (jobs with spec.queueName): why a job waits, in Kueue's words. Kueue copies no
+# label of ours onto them, so every Workload of the watched namespaces comes here and those not
+# made for one of our Jobs are dropped. Without Kueue installed the resource does not exist and
+# Kopf watches nothing.
+@kopf.on.event(c.KUEUE_GROUP, c.KUEUE_VERSION, c.KUEUE_WORKLOADS)
+async def kueue_workload_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    ctl = _controller(memo)
+    ctl.enqueue(ctl.seen_workload(event["type"], dict(event["object"])))

@@ -18,6 +18,7 @@ from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import Condition, FineTuneJobStatus, Progress, TerminationMessage
 from pydantic import ValidationError
 
+from . import kueue
 from .builders import COMPLETION_INDEX_ANNOTATION, DISRUPTION_TARGET, TRAINER_CONTAINER, job_name
 
 # Annotation the operator puts on a pod before it restarts it, so the restart is reported right.
@@ -69,6 +70,8 @@ class Observed:
     # Restarts the watchdog has made already (they are limited to MAX_STALL_RESTARTS).
     stall_restarts: int = 0
     now: datetime | None = None
+    # Kueue's Workload for the Job (spec.queueName), as kueue.trim keeps it.
+    workload: dict[str, Any] | None = None
 
 
 # --- conditions -------------------------------------------------------------------------------
@@ -379,11 +382,17 @@ def _succeeded(u: _Update, job: dict[str, Any], cond: dict[str, Any], pods: _Pod
     u.condition(ConditionType.RUNNING, False, Reason.SUCCEEDED, msg)
 
 
-def _suspended(u: _Update, spec: FineTuneJobSpec) -> None:
-    """A suspended Job: the user's spec.suspend, or Kueue holding it in its queue."""
+def _suspended(u: _Update, spec: FineTuneJobSpec, said: kueue.Verdict | None) -> None:
+    """A suspended Job: the user's spec.suspend, or Kueue holding it in its queue (not admitted
+    yet, or evicted, e.g. preempted: then it waits again); Kueue's reason and message say why."""
     if not spec.suspend and spec.queue_name:
         u.phase(Phase.PENDING)
         msg = f"waiting for Kueue to admit the Job in queue {spec.queue_name}"
+        if said is not None and not said.admitted:
+            msg = f"{msg}: {said.message}"
+            u.condition(ConditionType.ADMITTED, False, said.reason, said.message)
+        elif is_true(u.status, ConditionType.ADMITTED):
+            u.condition(ConditionType.ADMITTED, False, Reason.QUEUED, "evicted by Kueue: back in the queue")
         u.condition(ConditionType.RUNNING, False, Reason.QUEUED, msg)
         return
     u.phase(Phase.SUSPENDED)
@@ -392,10 +401,14 @@ def _suspended(u: _Update, spec: FineTuneJobSpec) -> None:
     u.condition(ConditionType.RUNNING, False, Reason.SUSPENDED, msg)
 
 
-def _active(u: _Update, spec: FineTuneJobSpec, pods: _Pods) -> None:
+def _active(u: _Update, spec: FineTuneJobSpec, pods: _Pods, said: kueue.Verdict | None) -> None:
     """A Job that is neither finished nor suspended: Running once a trainer pod runs, else Pending."""
     if is_true(u.status, ConditionType.SUSPENDED):
         u.condition(ConditionType.SUSPENDED, False, Reason.RESUMED, "resumed")
+    if spec.queue_name and not spec.suspend:
+        # Only Kueue unsuspends a queued Job: it was admitted.
+        u.condition(ConditionType.ADMITTED, True, Reason.ADMITTED,
+                    said.message if said is not None and said.admitted else "admitted by Kueue")
     if pods.running:
         u.phase(Phase.RUNNING)
         msg = f"{len(pods.running)}/{spec.resources.nodes} trainer pods running"
@@ -443,10 +456,12 @@ def compute_status(
         _failed(u, failed, pods)
     elif (done := _job_condition(job, "Complete", "SuccessCriteriaMet")) is not None:
         _succeeded(u, job, done, pods)
-    elif (job.get("spec") or {}).get("suspend"):
-        _suspended(u, spec)
     else:
-        _active(u, spec, pods)
+        said = kueue.verdict(seen.workload, job["metadata"].get("uid")) if spec.queue_name else None
+        if (job.get("spec") or {}).get("suspend"):
+            _suspended(u, spec, said)
+        else:
+            _active(u, spec, pods, said)
     _stalled(u, seen.stalled)
     return u.status
 
@@ -538,6 +553,14 @@ def milestones(prev: FineTuneJobStatus | None, new: FineTuneJobStatus) -> list[M
         out.append(Milestone("Normal", Reason.SUSPENDED, cond.message))
     if (cond := became(ConditionType.SUSPENDED, False)) is not None:
         out.append(Milestone("Normal", Reason.RESUMED, cond.message))
+    # Kueue's verdict (queued jobs): waiting (from the start, or again after an eviction), admitted.
+    admitted_before, admitted = get_condition(prev, ConditionType.ADMITTED), get_condition(new, ConditionType.ADMITTED)
+    if admitted is not None and (admitted_before is None or admitted_before.status != admitted.status):
+        if admitted.status == "True":
+            out.append(Milestone("Normal", Reason.ADMITTED, admitted.message))
+        else:
+            kind = "Warning" if admitted_before is not None else "Normal"  # True -> False: evicted
+            out.append(Milestone(kind, Reason.QUEUED, f"{admitted.reason}: {admitted.message}"))
     if (cond := became(ConditionType.RUNNING)) is not None:
         out.append(Milestone("Normal", Reason.RUNNING, cond.message))
     if new.restarts > (prev.restarts if prev else 0):
