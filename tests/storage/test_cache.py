@@ -310,3 +310,56 @@ def test_cli_warm_fills_ahead_and_reports(s3: str, tmp_path: Path, minio_env: di
     missing = subprocess.run([str(FINETUNE), "cache", "warm", "--dir", str(root), f"s3://{s3}/nope"],
                              env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 42 and "s3://" in missing.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_second_job_on_the_same_base_reads_it_from_the_cache(
+    s3: str, tmp_path: Path, minio_env: dict[str, str], tiny_model_dir: Path, toy_data_dir: Path
+) -> None:
+    """Two `finetune train` runs (the pods' entry point) on one base model with one cache: the
+    first fills it, the second reads it; each says so in its termination message (status.modelCache)
+    and in its metrics."""
+    from finetune_api.status import TerminationMessage
+
+    storage.publish(tiny_model_dir, f"s3://{s3}/models/tiny", kind="artifact")
+    fs, _ = storage.resolve(f"s3://{s3}")
+    fs.put_file(str(toy_data_dir / "prompt_completion.jsonl"), f"{s3}/data/train.jsonl")
+    root = tmp_path / "cache"
+    for run in ("first", "second"):
+        spec = {
+            "model": {"uri": f"s3://{s3}/models/tiny"},
+            "dataset": {"train": f"s3://{s3}/data/train.jsonl", "format": "prompt_completion",
+                        "maxSeqLength": 64, "validationSplit": 0.25},
+            "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+            "hyperparameters": {"maxSteps": 2, "batchSize": 4, "seed": 7},
+            "resources": {"gpusPerNode": 0},
+            "output": {"uri": f"s3://{s3}/out/{run}"},
+        }
+        (tmp_path / f"{run}.json").write_text(json.dumps(spec))
+        env = {**os.environ, **minio_env, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+               Env.SPEC_PATH: str(tmp_path / f"{run}.json"), Env.TERMINATION_LOG: str(tmp_path / f"{run}.term"),
+               Env.METRICS_PORT: "0", Env.CACHE_DIR: str(root), Env.CACHE_MAX_BYTES: "1Gi"}
+        proc = subprocess.run([str(FINETUNE), "train"], env=env, capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        msg = TerminationMessage.model_validate_json((tmp_path / f"{run}.term").read_bytes())
+        assert msg.outcome == "succeeded"
+        assert msg.model_cache == ("miss" if run == "first" else "hit"), proc.stderr[-2000:]
+        assert "model cache " + ("miss" if run == "first" else "hit") in proc.stderr
+    # Model and data set: one entry each, shared by both runs.
+    assert len(entries(root)) == 2
+
+
+def test_cache_metrics_are_exported(s3: str, tmp_path: Path) -> None:
+    from finetune_trainer.metrics import NAMES, TrainerMetrics
+    from prometheus_client import generate_latest
+
+    uri = put_model(s3, "m", tmp_path)
+    c = Cache(tmp_path / "cache")
+    c.get(uri)
+    c.get(uri)
+    text = generate_latest(TrainerMetrics().registry).decode()
+    assert f"{NAMES['cache_hits']} 1.0" in text
+    assert f"{NAMES['cache_misses']} 1.0" in text
+    assert f"{NAMES['cache_size']} {float(c.usage())}" in text

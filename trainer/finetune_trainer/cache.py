@@ -49,6 +49,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -202,11 +203,8 @@ class Cache:
 
     @classmethod
     def from_env(cls) -> Cache:
-        raw = os.environ.get(Env.CACHE_MAX_BYTES, "")
-        try:
-            budget = int(raw) if raw else None
-        except ValueError:
-            raise ConfigError(f"{Env.CACHE_MAX_BYTES}={raw!r}: expected a number of bytes") from None
+        raw = os.environ.get(Env.CACHE_MAX_BYTES, "").strip()
+        budget = parse_bytes(raw, Env.CACHE_MAX_BYTES) if raw else None
         return cls(Path(os.environ[Env.CACHE_DIR]), budget, os.environ.get(Env.CACHE_VERIFY) or "sha256")
 
     # --- paths and locks ------------------------------------------------------------------
@@ -428,6 +426,17 @@ class Cache:
         return removed
 
 
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def parse_bytes(value: str, what: str) -> int:
+    """A size in bytes, or as a Kubernetes quantity (500Gi, 2T)."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", value.strip())
+    if m is None or int(m.group(1)) <= 0:
+        raise ConfigError(f"{what}={value!r}: expected a size in bytes (e.g. 500Gi, 2T, 1000000)")
+    return int(m.group(1)) * _UNITS[m.group(2) or ""]
+
+
 def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -492,7 +501,7 @@ def main(argv: list[str]) -> int:
     warm = sub.add_parser("warm", help="Fill the cache with these s3:// sources before jobs need them.")
     warm.add_argument("uris", nargs="+", metavar="URI")
     warm.add_argument("--dir", help=f"Cache root (default ${Env.CACHE_DIR}).")
-    warm.add_argument("--max-bytes", type=int, help=f"Size budget (default ${Env.CACHE_MAX_BYTES}).")
+    warm.add_argument("--max-bytes", help=f"Size budget, e.g. 500Gi (default ${Env.CACHE_MAX_BYTES}).")
     sub.add_parser("usage", help="Print the entries (least recently used first) and the total size.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
