@@ -7,6 +7,7 @@ batch/v1 Job running one trainer pod per node.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ TRAINER_COMMAND = ["finetune", "train"]
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 # Set by the API server on a Job's selector and pod template (so on every pod of the Job): its uid.
 JOB_CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
+# On the spec ConfigMap: sha256 of the spec JSON it holds.
+SPEC_DIGEST_ANNOTATION = f"{c.GROUP}/spec-digest"
 # Job condition reason/type names of batch/v1 that the operator reads.
 DISRUPTION_TARGET = "DisruptionTarget"
 USER_ID = c.TRAINER_USER_ID
@@ -229,13 +232,16 @@ def spec_json(spec: FineTuneJobSpec) -> str:
     return json.dumps(spec.wire(), sort_keys=True, indent=2)
 
 
+def spec_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def build_config_map(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": metadata(owner, config_map_name(owner.name), COMPONENT_SPEC),
-        "data": {c.SPEC_FILE_NAME: spec_json(spec)},
-    }
+    text = spec_json(spec)
+    meta = metadata(owner, config_map_name(owner.name), COMPONENT_SPEC)
+    # Which spec it holds, comparable without reading the data (the operator rewrites it after edits).
+    meta["annotations"] = {SPEC_DIGEST_ANNOTATION: spec_digest(text)}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {c.SPEC_FILE_NAME: text}}
 
 
 def service_selector(owner: Owner, job_uid: str | None) -> dict[str, str]:
@@ -493,6 +499,17 @@ def desired_suspend(spec: FineTuneJobSpec, creating: bool) -> bool | None:
     return False
 
 
+def job_run_policy(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """The Job fields that come from spec.runPolicy (None: not set). They may change on a live Job:
+    the operator patches them when the spec is edited."""
+    policy = spec.run_policy
+    return {
+        "backoffLimit": policy.backoff_limit,
+        "activeDeadlineSeconds": policy.active_deadline_seconds,
+        "ttlSecondsAfterFinished": policy.ttl_seconds_after_finished,
+    }
+
+
 def build_job(owner: Owner, spec: FineTuneJobSpec, options: BuildOptions) -> dict[str, Any]:
     nodes = spec.resources.nodes
     extra: dict[str, str] = {}
@@ -507,15 +524,11 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, options: BuildOptions) -> dic
         "completionMode": "Indexed",
         "completions": nodes,
         "parallelism": nodes,
-        "backoffLimit": spec.run_policy.backoff_limit,
         "podFailurePolicy": build_pod_failure_policy(),
         "suspend": bool(desired_suspend(spec, creating=True)),
         "template": build_pod_template(owner, spec, options),
+        **{k: v for k, v in job_run_policy(spec).items() if v is not None},
     }
-    if spec.run_policy.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
-    if spec.run_policy.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.run_policy.ttl_seconds_after_finished
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
