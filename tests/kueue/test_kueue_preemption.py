@@ -25,13 +25,14 @@ import yaml
 from finetune_api import constants as c
 from finetune_api.status import TerminationMessage
 from finetune_trainer import storage
-from harness.cluster import STAGE_HOLD, STAGE_KWOK_SKIP, free_port
+from harness.cluster import STAGE_HOLD, STAGE_KWOK_SKIP, free_port, wait_until
 from harness.kubelet import FakeKubelet
 from harness.kueue import HIGH_PRIORITY, LOW_PRIORITY, KueueCluster, Queues
 from operator_harness import (
     METRICS_URL_ANNOTATION,
     OperatorProcess,
     condition,
+    events,
     ftj_status,
     wait_phase,
     wait_status,
@@ -129,8 +130,9 @@ def test_high_priority_job_preempts_training_which_resumes_from_its_sigterm_chec
     low_out = low["spec"]["output"]["uri"]
     api = cluster.api_client()
     try:
-        with FakeKubelet(api, ns, tmp_path / "kubelet", path=[str(VENV_BIN)],
-                         extra_env={c.Env.METRICS_PORT: str(port), "OMP_NUM_THREADS": "1"}) as kubelet:
+        # The fake GPU node runs the pod on this CPU: one trainer process, not one per GPU.
+        env = {c.Env.METRICS_PORT: str(port), c.Env.NPROC_PER_NODE: "1", "OMP_NUM_THREADS": "1"}
+        with FakeKubelet(api, ns, tmp_path / "kubelet", path=[str(VENV_BIN)], extra_env=env) as kubelet:
             cluster.apply(low)
             first = StepWatch(metrics_url)
             wait_status(cluster, ns, "low", lambda s: (s.get("progress") or {}).get("step", 0) >= 2,
@@ -164,6 +166,8 @@ def test_high_priority_job_preempts_training_which_resumes_from_its_sigterm_chec
                              and (condition(s, c.ConditionType.ADMITTED) or {}).get("status") == "False",
                              "the preempted job to wait in the queue again", timeout=60, op=kueue_operator)
             assert condition(st, c.ConditionType.RUNNING)["reason"] == c.Reason.QUEUED  # type: ignore[index]
+            wait_until(lambda: any(e["reason"] == c.Reason.QUEUED and e["type"] == "Warning"
+                                   for e in events(cluster, ns, "low")), 30, "a Warning event: back in the queue")
             job = cluster.get_json("job", "low", "-n", ns)
             assert job["spec"]["suspend"] is True
             assert job["status"].get("failed", 0) == 0, job["status"]
@@ -180,7 +184,6 @@ def test_high_priority_job_preempts_training_which_resumes_from_its_sigterm_chec
         assert done[pod2] == 0
         log2 = kubelet.logs[pod2].read_text(errors="replace")
         assert f"resuming from checkpoint step {ckpt_step} " in log2, log2[-3000:]
-        assert st["restarts"] == 1 and st["lastRestartReason"].startswith(c.Reason.PREEMPTED), st
         assert cluster.get_json("job", "low", "-n", ns)["status"].get("failed", 0) == 0
         assert (condition(st, c.ConditionType.ADMITTED) or {}).get("status") == "True"
     finally:
