@@ -13,6 +13,7 @@ the job still exists.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -27,7 +28,7 @@ from finetune_api.status import FineTuneJobStatus
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import builders, kueue, policy
+from . import builders, kueue, policy, spec_edits
 from . import status_rules as status
 from .cache import WatchCache, key_of
 from .k8s import ChildConflict, Kube, api_error_text
@@ -77,13 +78,6 @@ def _generation(body: dict[str, Any]) -> int | None:
     return int(generation) if generation is not None else None
 
 
-def _job_changes(job: dict[str, Any], spec: FineTuneJobSpec) -> dict[str, Any]:
-    """A merge patch for what the spec changes on an existing Job (empty when nothing)."""
-    want = builders.desired_suspend(spec, creating=False)  # None: Kueue decides
-    have = bool((job.get("spec") or {}).get("suspend"))
-    return {} if want is None or want == have else {"spec": {"suspend": want}}
-
-
 class Controller:
     def __init__(self, kube: Kube, settings: Settings, metrics: OperatorMetrics) -> None:
         self.kube = kube
@@ -100,6 +94,10 @@ class Controller:
         self.queue = WorkQueue()
         # Parsed spec per job, by (uid, generation): validation is the costliest step of a reconcile.
         self._specs: dict[str, tuple[tuple[str, int | None], FineTuneJobSpec | ManifestError]] = {}
+        # Digest of the spec JSON per job, by (uid, generation), and the spec edits told but not
+        # written to the ConfigMap yet: (digest, "deferred" or "refused").
+        self._digests: dict[str, tuple[tuple[str, int | None], str]] = {}
+        self._edits: dict[str, tuple[str, str]] = {}
         # Last scraped metrics per job: an unchanged scrape in a resync needs no status computation.
         self._scraped: dict[str, dict[str, float] | None] = {}
 
@@ -133,6 +131,8 @@ class Controller:
         self.metrics.set_phase(key, None)
         self._watch.pop(key, None)
         self._specs.pop(key, None)
+        self._digests.pop(key, None)
+        self._edits.pop(key, None)
         self._scraped.pop(key, None)
         self.cache.drop_ftj(key)
 
@@ -335,14 +335,60 @@ class Controller:
             self._create_children(body, key, wanted, created_before=prev is not None)
         job = self._child("Job", key, body)
         assert job is not None  # _create_children cached it
-        job = self._sync(key, job, _job_changes(job, spec))
+        job = self._sync(key, job, spec_edits.job_patch(job, spec, builders.desired_suspend(spec, creating=False)))
         service = self._child("Service", key, body)
         if service is not None:
             # The Service follows the Job's uid: a re-created Job has a new one.
             want = builders.service_selector(builders.Owner.from_body(body), job["metadata"]["uid"])
             if (service.get("spec") or {}).get("selector") != want:
                 self._sync(key, service, {"spec": {"selector": want}})
+        self._apply_spec_edit(body, key, spec, job)
         return body, job
+
+    def _spec_digest(self, key: str, body: dict[str, Any], spec: FineTuneJobSpec) -> str:
+        version = (str(body["metadata"].get("uid")), body["metadata"].get("generation"))
+        held = self._digests.get(key)
+        if held is None or held[0] != version:
+            held = self._digests[key] = (version, builders.spec_digest(builders.spec_json(spec)))
+        return held[1]
+
+    def _apply_spec_edit(self, body: dict[str, Any], key: str, spec: FineTuneJobSpec, job: dict[str, Any]) -> None:
+        """Bring the spec ConfigMap to an edited spec and say how each change takes effect
+        (spec_edits). The trainer reads checkpointing and evaluation from it when a pod starts, so
+        an edit of those waits until no trainer pod runs: every rank of a run reads the same spec."""
+        config_map = self._child("ConfigMap", key, body)
+        wanted = self._spec_digest(key, body, spec)
+        if config_map is None or (config_map["metadata"].get("annotations") or {}).get(
+                builders.SPEC_DIGEST_ANNOTATION) == wanted:
+            return
+        running = len(status.running(status.pods_of(job, self.cache.pods(key))))
+        told = self._edits.get(key)
+        if told == (wanted, "refused") or (told == (wanted, "deferred") and running):
+            return
+        # Read only after an edit: the cache does not keep the spec the ConfigMap holds.
+        meta = config_map["metadata"]
+        current = self.kube.get_child("ConfigMap", meta["namespace"], meta["name"])
+        held = json.loads(((current or {}).get("data") or {}).get(c.SPEC_FILE_NAME) or "{}")
+        text = builders.spec_json(spec)
+        paths = [p for p in spec_edits.changes(held, json.loads(text)) if p not in spec_edits.OWN_EVENTS]
+        generation = _generation(body)
+        if spec_edits.refused(paths):
+            self._edits[key] = (wanted, "refused")
+            self.kube.event(body, "Warning", c.Reason.SPEC_NOT_APPLIED, spec_edits.describe(paths, generation) or "")
+            return
+        if spec_edits.for_trainer(paths) and running:
+            self._edits[key] = (wanted, "deferred")
+            self.kube.event(body, "Normal", c.Reason.SPEC_DEFERRED,
+                            spec_edits.describe(paths, generation, running, written=False) or "")
+            return
+        self._sync(key, config_map, {"metadata": {"annotations": {builders.SPEC_DIGEST_ANNOTATION: wanted}},
+                                     "data": {c.SPEC_FILE_NAME: text}})
+        if told is not None and told[1] == "deferred":
+            paths = spec_edits.for_trainer(paths)  # the rest was told (and applied) before
+        self._edits.pop(key, None)
+        message = spec_edits.describe(paths, generation)
+        if message:
+            self.kube.event(body, "Normal", c.Reason.SPEC_APPLIED, message)
 
     def _create_children(self, body: dict[str, Any], key: str, wanted: builders.Children,
                          created_before: bool) -> None:

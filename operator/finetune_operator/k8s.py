@@ -108,6 +108,14 @@ class Kube:
             return self.batch.read_namespaced_job(name, namespace, _preload_content=False)
         raise ValueError(f"unsupported kind {kind}")
 
+    def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _raw(self._read(kind, namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def ensure(self, obj: dict[str, Any], read_first: bool = True) -> tuple[dict[str, Any], bool]:
         """Create the child, or adopt the one that is there already. Returns (object, created).
 

@@ -4,6 +4,7 @@ history, and reads from the watch cache instead of the API once the watches have
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from finetune_api import constants as c
@@ -12,6 +13,17 @@ from finetune_operator.controller import Controller
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.settings import Settings
 from operator_specs import job_manifest
+
+
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """RFC 7386, as the API server applies a merge patch."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge_patch(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
 
 
 class MemoryKube:
@@ -23,6 +35,7 @@ class MemoryKube:
         self.creates: list[str] = []
         self.status_patches = 0
         self.events: list[str] = []
+        self.messages: list[str] = []
         self.pods: list[dict[str, Any]] = []
         self.reads: list[str] = []
         self.patches: list[tuple[str, dict[str, Any]]] = []
@@ -63,12 +76,16 @@ class MemoryKube:
         return copy.deepcopy(self.objects[key]), True
 
     def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        self.patches.append((kind, patch))
+        self.patches.append((kind, copy.deepcopy(patch)))
         obj = self.objects[(kind, namespace, name)]
-        for section, values in patch.items():
-            obj.setdefault(section, {}).update(values)
+        merge_patch(obj, patch)
         self._bump(obj)
         return copy.deepcopy(obj)
+
+    def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads.append(f"get {kind}")
+        obj = self.objects.get((kind, namespace, name))
+        return copy.deepcopy(obj) if obj is not None else None
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
         self.reads.append("list pods")
@@ -79,6 +96,7 @@ class MemoryKube:
 
     def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         self.events.append(reason)
+        self.messages.append(message)
 
 
 def controller(body: dict[str, Any]) -> tuple[Controller, MemoryKube]:
@@ -370,3 +388,78 @@ def test_only_pods_owned_by_the_job_count_join_the_service_and_can_be_evicted(mo
     assert running["message"] == "1/1 trainer pods running"
     ctl.reconcile("ns", "tune")  # stalled: the watchdog restarts the workload
     assert kube.restarted == ["tune-0-abc"]
+
+
+# --- spec edits (spec_edits.py): applied at once, when the pods start, or refused ------------------
+
+
+def edit(ctl: Controller, kube: MemoryKube, **spec: Any) -> None:
+    """`kubectl apply` of an edited spec: a new generation, then the watch event."""
+    body = kube.ftjs[("ns", "tune")]
+    for section, values in spec.items():
+        if isinstance(values, dict):
+            body["spec"].setdefault(section, {}).update(values)
+        else:
+            body["spec"][section] = values
+    body["metadata"]["generation"] += 1
+    kube._bump(body)
+    key = ctl.seen_ftj("MODIFIED", kube.get_ftj("ns", "tune"))
+    assert key == "ns/tune"
+    ctl.reconcile("ns", "tune", full=True)
+
+
+def spec_in_config_map(kube: MemoryKube) -> dict[str, Any]:
+    return dict(json.loads(kube.objects[("ConfigMap", "ns", "tune-spec")]["data"][c.SPEC_FILE_NAME]))
+
+
+def started() -> tuple[Controller, MemoryKube]:
+    ctl, kube = controller(body())
+    ctl.seen_ftj(None, kube.get_ftj("ns", "tune"))
+    ctl.reconcile("ns", "tune", full=True)
+    kube.events.clear()
+    return ctl, kube
+
+
+def test_a_run_policy_edit_reaches_the_job_at_once_and_is_told() -> None:
+    ctl, kube = started()
+    edit(ctl, kube, runPolicy={"backoffLimit": 5, "activeDeadlineSeconds": 3600})
+    job = kube.objects[("Job", "ns", "tune")]["spec"]
+    assert (job["backoffLimit"], job["activeDeadlineSeconds"]) == (5, 3600)
+    assert spec_in_config_map(kube)["runPolicy"]["backoffLimit"] == 5
+    assert kube.events == [c.Reason.SPEC_APPLIED]
+    assert "runPolicy.activeDeadlineSeconds, runPolicy.backoffLimit: applied to the Job" in kube.messages[-1]
+    edit(ctl, kube, runPolicy={"backoffLimit": 5, "activeDeadlineSeconds": None})  # removed again
+    assert "activeDeadlineSeconds" not in kube.objects[("Job", "ns", "tune")]["spec"]
+    ctl.resync()
+    assert kube.events == [c.Reason.SPEC_APPLIED, c.Reason.SPEC_APPLIED]  # told once per edit
+
+
+def test_a_checkpointing_edit_waits_until_no_trainer_pod_runs() -> None:
+    ctl, kube = started()
+    job_uid = kube.objects[("Job", "ns", "tune")]["metadata"]["uid"]
+    ctl.seen_pod("ADDED", running_pod(job_uid=job_uid))
+    ctl.reconcile("ns", "tune")
+    edit(ctl, kube, checkpointing={"everySteps": 7})
+    # Running ranks read the spec when they started: a pod started now would read another one.
+    assert spec_in_config_map(kube)["checkpointing"]["everySteps"] == 100
+    assert kube.events[-1] == c.Reason.SPEC_DEFERRED
+    assert "checkpointing.everySteps: waits until no trainer pod runs (1 running now)" in kube.messages[-1]
+    for _ in range(2):
+        ctl.reconcile("ns", "tune")
+    assert kube.events.count(c.Reason.SPEC_DEFERRED) == 1
+    ctl.seen_pod("DELETED", running_pod(job_uid=job_uid))  # e.g. suspended, or between attempts
+    ctl.reconcile("ns", "tune")
+    assert spec_in_config_map(kube)["checkpointing"]["everySteps"] == 7
+    assert kube.events[-1] == c.Reason.SPEC_APPLIED
+    assert kube.messages[-1] == ("spec generation 2: checkpointing.everySteps: written to the spec ConfigMap; "
+                                 "trainer pods that start from now on read it")
+
+
+def test_an_immutable_field_that_got_past_the_crd_is_refused_not_applied() -> None:
+    ctl, kube = started()
+    edit(ctl, kube, model={"uri": "s3://models/other"})
+    assert spec_in_config_map(kube)["model"]["uri"] == "s3://models/tiny-llama"
+    assert kube.events == [c.Reason.SPEC_NOT_APPLIED]
+    assert "model.uri: cannot change after creation, not applied" in kube.messages[-1]
+    ctl.reconcile("ns", "tune")
+    assert kube.events == [c.Reason.SPEC_NOT_APPLIED]
