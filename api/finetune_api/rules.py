@@ -8,7 +8,7 @@ A test applies every bad manifest to a real API server to keep the two halves in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,18 @@ class Rule:
         return {"rule": self.cel, "message": self.message}
 
 
+@dataclass(frozen=True)
+class TransitionRule:
+    """A rule about an update (CEL with `oldSelf`), checked by the API server only: `finetune
+    validate` sees one object, not the change from the stored one."""
+
+    cel: str
+    message: str
+
+    def x_validation(self) -> dict[str, str]:
+        return {"rule": self.cel, "message": self.message}
+
+
 RULE_ERROR_TYPE = "rule"
 
 
@@ -37,5 +49,11 @@ def enforce(rules: tuple[Rule, ...], obj: Any) -> None:
             raise PydanticCustomError(RULE_ERROR_TYPE, rule.message)
 
 
-def x_validations(rules: tuple[Rule, ...]) -> list[dict[str, str]]:
+def x_validations(rules: Iterable[Rule | TransitionRule]) -> list[dict[str, str]]:
     return [r.x_validation() for r in rules]
+
+
+def unchanged_optional(field: str) -> str:
+    """CEL: an optional field keeps its value, set or not (`self == oldSelf` on the field itself
+    would not see it being added or removed)."""
+    return f"(has(self.{field}) ? self.{field} : '') == (has(oldSelf.{field}) ? oldSelf.{field} : '')"
