@@ -128,3 +128,24 @@ def test_policy_comes_from_flags_and_environment() -> None:
     default = parse_settings([], env={}).policy()
     assert default.allowed_images == () and default.allowed_priority_classes == ()
     assert default.allowed_toleration_keys == (c.GPU_RESOURCE,)
+
+
+def test_the_controller_refuses_before_creating_anything() -> None:
+    from finetune_operator.controller import Controller
+    from finetune_operator.metrics import OperatorMetrics
+    from test_operator_controller import MemoryKube, body
+
+    kube = MemoryKube(body(image="evil.example/miner:1"))
+    ctl = Controller(kube, parse_settings(["--trainer-image", TRAINER], env={}), OperatorMetrics())  # type: ignore[arg-type]
+    ctl.reconcile("ns", "tune", full=True)
+    status = kube.ftjs[("ns", "tune")]["status"]
+    assert status["phase"] == c.Phase.FAILED
+    [failed] = [x for x in status["conditions"] if x["type"] == c.ConditionType.FAILED]
+    assert failed["reason"] == c.Reason.INVALID_SPEC
+    assert failed["message"].startswith("spec.image: 'evil.example/miner:1' is not allowed")
+    assert kube.creates == [] and kube.events == [c.Reason.INVALID_SPEC]
+    # The same image under a policy that lists it: the children are created.
+    allowed = MemoryKube(body(image="evil.example/miner:1"))
+    settings = parse_settings(["--trainer-image", TRAINER, "--allowed-images", "evil.example/miner"], env={})
+    Controller(allowed, settings, OperatorMetrics()).reconcile("ns", "tune", full=True)  # type: ignore[arg-type]
+    assert sorted(allowed.creates) == ["ConfigMap", "Job", "Service"]
