@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import constants as c
-from .resource import ROOT_RULES
+from .resource import ROOT_RULES, ROOT_TRANSITION_RULES
 from .rules import x_validations
 from .spec import ApiModel, FineTuneJobSpec
 from .status import FineTuneJobStatus
@@ -112,8 +112,8 @@ class _Converter:
 
     def _add_model_parts(self, out: dict[str, Any], model: type[BaseModel]) -> None:
         out["type"] = "object"
-        if issubclass(model, ApiModel) and model.rules:
-            out["x-kubernetes-validations"] = x_validations(model.rules)
+        if issubclass(model, ApiModel) and (model.rules or model.transition_rules):
+            out["x-kubernetes-validations"] = x_validations((*model.rules, *model.transition_rules))
         if not self.keep_defaults:
             return
         # default_factory fields: the default object in full. (An empty object would let the API
@@ -170,7 +170,7 @@ def build_crd() -> dict[str, Any]:
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": x_validations(ROOT_RULES),
+        "x-kubernetes-validations": x_validations((*ROOT_RULES, *ROOT_TRANSITION_RULES)),
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -9,8 +9,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .constants import API_VERSION, KIND, MAX_NAME_LENGTH
-from .rules import RULE_ERROR_TYPE, Rule, enforce
+from .constants import API_VERSION, KIND, MAX_NAME_LENGTH, Phase
+from .rules import RULE_ERROR_TYPE, Rule, TransitionRule, enforce
 from .spec import FineTuneJobSpec
 from .status import FineTuneJobStatus
 
@@ -23,6 +23,18 @@ ROOT_RULES: tuple[Rule, ...] = (
         f"metadata.name must be at most {MAX_NAME_LENGTH} characters of a-z, 0-9 and '-', start with a letter "
         "and end with a letter or digit (it names the Job, Service and pod hostnames)",
         lambda o: len(o.metadata.name) <= MAX_NAME_LENGTH and re.match(NAME_PATTERN, o.metadata.name) is not None,
+    ),
+)
+
+
+_TERMINAL = ", ".join(f"'{p}'" for p in Phase.TERMINAL)
+#: Updates the API server refuses (see rules.TransitionRule).
+ROOT_TRANSITION_RULES: tuple[TransitionRule, ...] = (
+    TransitionRule(
+        f"!has(oldSelf.status) || !has(oldSelf.status.phase) || !(oldSelf.status.phase in [{_TERMINAL}])"
+        " || self.spec == oldSelf.spec",
+        "spec cannot change once the job has finished (status.phase Succeeded or Failed): "
+        "create a new FineTuneJob instead",
     ),
 )
 

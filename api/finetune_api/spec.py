@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from .rules import Rule, enforce
+from .rules import Rule, TransitionRule, enforce, unchanged_optional
 
 # --- Shared field types --------------------------------------------------------------------
 
@@ -44,6 +44,14 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 # Typed as pydantic's JsonDict expects (a plain dict literal infers a narrower, rejected type).
 IMMUTABLE: dict[str, Any] = {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "is immutable"}]}
+#: The end of the description of the sections the trainer reads when a pod starts.
+AT_POD_START = (
+    " May change: the trainer reads it when a pod starts; the operator writes the edit to the job's spec "
+    "ConfigMap when no trainer pod runs (before the first start, while suspended), so pods started afterwards "
+    "use it."
+)
+#: The end of the description of every field a spec edit may not change.
+FIXED = " Immutable: set when the job is created."
 
 
 class ApiModel(BaseModel):
@@ -58,6 +66,8 @@ class ApiModel(BaseModel):
     )
     #: Cross-field rules of this object (see rules.py); rendered into the CRD as CEL.
     rules: ClassVar[tuple[Rule, ...]] = ()
+    #: Rules about updates of this object, checked by the API server only (rules.TransitionRule).
+    transition_rules: ClassVar[tuple[TransitionRule, ...]] = ()
 
     @model_validator(mode="after")
     def _enforce_rules(self) -> Any:
@@ -104,6 +114,7 @@ class ModelSpec(ApiModel):
 
 DatasetFormat = Literal["text", "prompt_completion", "messages", "alpaca", "preference"]
 LossMasking = Literal["completion_only", "assistant_only", "all"]
+ChatRole = Literal["system", "user", "assistant", "tool"]
 
 
 class FieldMapping(ApiModel):
@@ -112,13 +123,26 @@ class FieldMapping(ApiModel):
     text: ShortStr | None = Field(None, description="[text] Raw text for format text.")
     prompt: ShortStr | None = Field(None, description="[prompt] Prompt for prompt_completion and preference.")
     completion: ShortStr | None = Field(None, description="[completion] Target for prompt_completion.")
-    messages: ShortStr | None = Field(None, description="[messages] List of {role, content} for messages.")
+    messages: ShortStr | None = Field(
+        None, description="[messages, or conversations] List of {role, content} (or {from, value}) for messages."
+    )
     instruction: ShortStr | None = Field(None, description="[instruction] Alpaca instruction.")
     input: ShortStr | None = Field(None, description="[input] Alpaca input (optional column).")
     output: ShortStr | None = Field(None, description="[output] Alpaca output.")
     chosen: ShortStr | None = Field(None, description="[chosen] Preferred answer (string or messages).")
     rejected: ShortStr | None = Field(None, description="[rejected] Dispreferred answer (string or messages).")
     label: ShortStr | None = Field(None, description="[label] Class label, for accuracy/F1 evaluation.")
+    role: ShortStr | None = Field(
+        None, description="[role, or from] Key of a message's speaker in messages and chat preference data."
+    )
+    content: ShortStr | None = Field(
+        None, description="[content, or value] Key of a message's text in messages and chat preference data."
+    )
+    roles: Annotated[dict[str, ChatRole], Field(max_length=64)] | None = Field(
+        None,
+        description="The data's role names -> system, user, assistant or tool (human, gpt, bot, model, prompter "
+        "... are recognised without it).",
+    )
 
     def column(self, name: str) -> str:
         """The user's column for a canonical field name."""
@@ -149,7 +173,10 @@ class DatasetSpec(ApiModel):
         ),
     )
 
-    train: SourceUri = Field(description="Training data: JSON, JSONL, Parquet or CSV file (or a folder of them).")
+    train: SourceUri = Field(
+        description="Training data: a JSON, JSONL, Parquet, CSV or TSV file, a folder or glob (*.jsonl) of them, "
+        "or a folder saved by datasets' save_to_disk."
+    )
     validation: SourceUri | None = Field(None, description="Held-out data; else a split of train is held out.")
     validation_split: float | None = Field(
         None, gt=0, lt=1, description="Fraction of train held out when no validation URI is given (default 0.1)."
@@ -558,6 +585,15 @@ class RunPolicy(ApiModel):
 class FineTuneJobSpec(ApiModel):
     """Desired state of a FineTuneJob."""
 
+    # The optional immutable fields (`self == oldSelf` on the field would let one be added or removed).
+    transition_rules: ClassVar[tuple[TransitionRule, ...]] = (
+        TransitionRule(unchanged_optional("image"),
+                       "image is immutable: the Job's pods keep the image they were made with; "
+                       "create a new FineTuneJob instead"),
+        TransitionRule(unchanged_optional("queueName"),
+                       "queueName is immutable: Kueue admits the Job in the queue it was created in; "
+                       "create a new FineTuneJob instead"),
+    )
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
             "self.method.type != 'qlora' || has(self.model.quantization)",
@@ -614,32 +650,41 @@ class FineTuneJobSpec(ApiModel):
         ),
     )
 
-    model: ModelSpec = Field(description="The base model.", json_schema_extra=IMMUTABLE)
-    dataset: DatasetSpec = Field(description="The training data.", json_schema_extra=IMMUTABLE)
-    method: MethodSpec = Field(description="Full fine-tuning or a PEFT method.", json_schema_extra=IMMUTABLE)
+    model: ModelSpec = Field(description="The base model." + FIXED, json_schema_extra=IMMUTABLE)
+    dataset: DatasetSpec = Field(description="The training data." + FIXED, json_schema_extra=IMMUTABLE)
+    method: MethodSpec = Field(description="Full fine-tuning or a PEFT method." + FIXED, json_schema_extra=IMMUTABLE)
     objective: ObjectiveSpec = Field(
-        default_factory=ObjectiveSpec, description="sft, dpo, reward or ppo; continual.", json_schema_extra=IMMUTABLE
+        default_factory=ObjectiveSpec, description="sft, dpo, reward or ppo; continual." + FIXED,
+        json_schema_extra=IMMUTABLE,
     )
     hyperparameters: Hyperparameters = Field(
-        default_factory=Hyperparameters, description="Optimisation settings.", json_schema_extra=IMMUTABLE
+        default_factory=Hyperparameters, description="Optimisation settings." + FIXED, json_schema_extra=IMMUTABLE
     )
     resources: Resources = Field(
-        default_factory=Resources, description="Nodes, GPUs and placement.", json_schema_extra=IMMUTABLE
+        default_factory=Resources, description="Nodes, GPUs and placement." + FIXED, json_schema_extra=IMMUTABLE
     )
     distributed: Distributed = Field(
-        default_factory=Distributed, description="DDP, FSDP or DeepSpeed.", json_schema_extra=IMMUTABLE
+        default_factory=Distributed, description="DDP, FSDP or DeepSpeed." + FIXED, json_schema_extra=IMMUTABLE
     )
-    checkpointing: Checkpointing = Field(default_factory=Checkpointing, description="Checkpoint cadence and resume.")
-    evaluation: Evaluation = Field(default_factory=Evaluation, description="Held-out evaluation.")
-    output: OutputSpec = Field(description="Where the artifact goes.", json_schema_extra=IMMUTABLE)
+    checkpointing: Checkpointing = Field(
+        default_factory=Checkpointing, description="Checkpoint cadence and resume." + AT_POD_START)
+    evaluation: Evaluation = Field(default_factory=Evaluation, description="Held-out evaluation." + AT_POD_START)
+    output: OutputSpec = Field(description="Where the artifact goes." + FIXED, json_schema_extra=IMMUTABLE)
     image: Annotated[str, Field(min_length=1, max_length=512)] | None = Field(
-        None, description="Trainer image for this job instead of the operator's default."
+        None, description="Trainer image for this job instead of the operator's default." + FIXED
     )
-    suspend: bool = Field(False, description="Suspend (or, set back to false, resume) the workload.")
+    suspend: bool = Field(
+        False, description="Suspend (or, set back to false, resume) the workload. May change: applied to the Job at once."
+    )
     queue_name: Annotated[str, Field(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] | None = Field(
-        None, description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label."
+        None, description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label." + FIXED
     )
-    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, clean-up.")
+    run_policy: RunPolicy = Field(
+        default_factory=RunPolicy,
+        description="Retries, deadlines, clean-up. May change: backoffLimit, activeDeadlineSeconds and "
+        "ttlSecondsAfterFinished are applied to the running Job at once, stallTimeoutSeconds by the operator's "
+        "stall watchdog.",
+    )
 
     def fill_defaults(self) -> None:
         if self.output.save is None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from finetune_api import constants as c
 from finetune_api.crd import build_crd, render_crd_yaml
+from finetune_api.rules import unchanged_optional
 
 ROOT = Path(__file__).parents[2]
 CRD_PATH = ROOT / c.CRD_FILE
@@ -82,3 +83,17 @@ def test_spec_fields_except_policy_are_immutable() -> None:
     assert immutable == {"model", "dataset", "method", "objective", "hyperparameters", "resources",
                          "distributed", "output"}
     assert "suspend" not in immutable
+    # The optional ones, by a rule on the spec that also sees them added or removed.
+    on_spec = [r["rule"] for r in spec["x-kubernetes-validations"] if "oldSelf" in r["rule"]]
+    assert on_spec == [unchanged_optional("image"), unchanged_optional("queueName")]
+    # What may change says how it takes effect, in `kubectl explain`.
+    for name, prop in spec["properties"].items():
+        fixed = name in immutable or name in ("image", "queueName")
+        assert ("Immutable" in prop["description"]) is fixed, name
+        assert fixed or "May change" in prop["description"], name
+
+
+def test_a_finished_jobs_spec_cannot_change() -> None:
+    root = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    [rule] = [r for r in root["x-kubernetes-validations"] if "oldSelf" in r["rule"]]
+    assert "self.spec == oldSelf.spec" in rule["rule"] and "finished" in rule["message"]
