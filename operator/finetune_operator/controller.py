@@ -247,6 +247,7 @@ class Controller:
         if prev is not None and prev.phase in c.Phase.TERMINAL:
             # Finished jobs are history: their Job may be gone (ttlSecondsAfterFinished); never rebuild it.
             self.metrics.set_phase(key, prev.phase)
+            self._edit_of_finished(body, prev, key)
             return
         spec = self._spec(key, body)
         if isinstance(spec, ManifestError):
@@ -263,6 +264,18 @@ class Controller:
         if decision.restart is not None:
             self._restart(body, key, seen, decision.restart)
         self._write(body, prev, decision.status, key)
+
+    def _edit_of_finished(self, body: dict[str, Any], prev: FineTuneJobStatus, key: str) -> None:
+        """An edit of a finished job changes nothing (the CRD refuses one; a CRD without its rules
+        lets it through): say so once, and mark the generation seen."""
+        generation = _generation(body)
+        if generation is None or prev.observed_generation is None or generation <= prev.observed_generation:
+            return
+        self.kube.event(body, "Warning", c.Reason.SPEC_NOT_APPLIED,
+                        f"spec generation {generation}: the job has finished ({prev.phase}); edits have no effect")
+        new = prev.model_copy(deep=True)
+        new.observed_generation = generation
+        self._write(body, prev, new, key)
 
     # --- get ---
 

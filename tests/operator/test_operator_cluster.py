@@ -365,3 +365,118 @@ def test_two_replicas_one_leader_and_the_standby_takes_over(
     finally:
         first.stop()
         second.stop()
+
+
+def _uid(cluster: TestCluster, namespace: str, kind: str, name: str) -> str | None:
+    got = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(got.stdout)["metadata"]["uid"] if got.returncode == 0 else None
+
+
+def test_children_deleted_by_hand_are_made_again_told_and_counted(
+    cluster: TestCluster, namespace: str, operator: OperatorProcess
+) -> None:
+    cluster.apply(manifest("heal", namespace, annotations={STAGE_HOLD: "true"}))
+    wait_running_pod(cluster, namespace, "heal")
+    wait_phase(cluster, namespace, "heal", c.Phase.RUNNING, op=operator)
+    for kind, name in (("configmap", "heal-spec"), ("service", "heal"), ("job", "heal")):
+        before = _uid(cluster, namespace, kind, name)
+        assert before is not None
+        cluster.kubectl("delete", kind, name, "-n", namespace, "--wait=true", timeout=60)
+        # Within seconds, not at some later resync: the operator watches its children.
+        wait_until(lambda kind=kind, name=name, before=before: _uid(cluster, namespace, kind, name) not in (None, before),
+                   15, f"the {kind} {name} to be made again", interval=0.3)
+    [svc] = children(cluster, namespace, "heal", "services")
+    [job] = children(cluster, namespace, "heal", "jobs")
+    assert svc["spec"]["selector"]["batch.kubernetes.io/controller-uid"] == job["metadata"]["uid"]
+    recreated = [e for e in events(cluster, namespace, "heal") if e["reason"] == c.Reason.RECREATED]
+    assert [e["message"].split()[0] for e in recreated] == ["ConfigMap", "Service", "Job"]
+    samples = _samples(operator.metrics_text())
+    for kind in ("ConfigMap", "Service", "Job"):
+        assert samples[("finetune_operator_children_recreated_total", (("kind", kind),))] == 1
+    wait_running_pod(cluster, namespace, "heal")  # the new Job runs the trainer again
+
+
+def test_a_pod_with_the_trainers_labels_is_not_a_trainer(
+    cluster: TestCluster, namespace: str, operator: OperatorProcess, fake_metrics: FakeMetrics
+) -> None:
+    fake_metrics.set(step=5, total=100, loss=2.0)  # never moves: the watchdog (3 s) restarts the trainer
+    labels = {c.LABEL_JOB_NAME: "own", c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_COMPONENT: "trainer"}
+    cluster.apply({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "lookalike", "namespace": namespace, "labels": labels,
+                                "annotations": {"batch.kubernetes.io/job-completion-index": "0",
+                                                METRICS_URL_ANNOTATION: fake_metrics.url}},
+                   "spec": {"nodeName": cluster.cpu_node_names[0],
+                            "containers": [{"name": "trainer", "image": "registry.invalid/other:1"}]}})
+    wait_until(lambda: cluster.get_json("pod", "lookalike", "-n", namespace)["status"].get("phase") == "Running",
+               30, "the lookalike pod to run", interval=0.3)
+    cluster.apply(manifest("own", namespace, annotations={STAGE_HOLD: "true",
+                                                          METRICS_URL_ANNOTATION: fake_metrics.url}))
+    [job] = wait_until(lambda: children(cluster, namespace, "own", "jobs"), 30, "the Job", interval=0.3)
+    first = wait_until(lambda: [p for p in pods_of(cluster, namespace, "own") if p["metadata"].get("ownerReferences")
+                                and p["status"].get("phase") == "Running"], 30, "the trainer pod to run",
+                       interval=0.3)[0]
+    st = wait_phase(cluster, namespace, "own", c.Phase.RUNNING, op=operator)
+    assert condition(st, c.ConditionType.RUNNING)["message"] == "1/1 trainer pods running"  # type: ignore[index]
+    # The rendezvous Service selects the Job's pods by the uid label the Job controller sets.
+    [svc] = children(cluster, namespace, "own", "services")
+    assert svc["spec"]["selector"]["batch.kubernetes.io/controller-uid"] == job["metadata"]["uid"]
+    selected = cluster.get_json("pods", "-n", namespace, "-l",
+                                ",".join(f"{k}={v}" for k, v in svc["spec"]["selector"].items()))["items"]
+    assert [p["metadata"]["name"] for p in selected] == [first["metadata"]["name"]]
+    # The watchdog restarts the stalled trainer, never the lookalike.
+    wait_until(lambda: cluster.get_json("pod", first["metadata"]["name"], "-n", namespace)["metadata"].get(
+        "deletionTimestamp"), 60, "the watchdog to evict the stalled trainer", interval=0.3)
+    lookalike = cluster.get_json("pod", "lookalike", "-n", namespace)
+    assert not lookalike["metadata"].get("deletionTimestamp")
+    assert "finetune.dev/restart-reason" not in (lookalike["metadata"].get("annotations") or {})
+    wait_status(cluster, namespace, "own", lambda s: s.get("restarts") == 1, "one restart", op=operator)
+
+
+def _edit(cluster: TestCluster, namespace: str, name: str, spec: dict[str, Any], check: bool = True) -> Any:
+    return cluster.kubectl("patch", FTJ, name, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": spec}),
+                           check=check)
+
+
+def _spec_in_config_map(cluster: TestCluster, namespace: str, name: str) -> dict[str, Any]:
+    [cm] = children(cluster, namespace, name, "configmaps")
+    return dict(json.loads(cm["data"][c.SPEC_FILE_NAME]))
+
+
+def test_spec_edits_are_refused_or_applied_and_told(
+    cluster: TestCluster, namespace: str, operator: OperatorProcess
+) -> None:
+    cluster.apply(manifest("edit", namespace, annotations={STAGE_HOLD: "true"}))
+    first = wait_running_pod(cluster, namespace, "edit")
+    wait_phase(cluster, namespace, "edit", c.Phase.RUNNING, op=operator)
+    # Immutable: the API server says so, whatever the field's presence before.
+    for spec, field in (({"model": {"uri": "s3://models/other"}}, "model"),
+                        ({"image": "registry.invalid/trainer:other"}, "image"),
+                        ({"queueName": "team-a"}, "queueName")):
+        refused = _edit(cluster, namespace, "edit", spec, check=False)
+        assert refused.returncode != 0 and "immutable" in refused.stderr and field in refused.stderr, refused.stderr
+    # runPolicy: on the live Job at once.
+    _edit(cluster, namespace, "edit", {"runPolicy": {"backoffLimit": 5, "activeDeadlineSeconds": 7200}})
+    wait_until(lambda: children(cluster, namespace, "edit", "jobs")[0]["spec"].get("activeDeadlineSeconds") == 7200,
+               15, "the Job to get the new runPolicy", interval=0.3)
+    assert children(cluster, namespace, "edit", "jobs")[0]["spec"]["backoffLimit"] == 5
+    # checkpointing: the running trainer read the spec at start; it waits until no trainer runs.
+    _edit(cluster, namespace, "edit", {"checkpointing": {"everySteps": 7}})
+    wait_until(lambda: c.Reason.SPEC_DEFERRED in [e["reason"] for e in events(cluster, namespace, "edit")],
+               15, "the SpecDeferred event", interval=0.3)
+    assert _spec_in_config_map(cluster, namespace, "edit")["checkpointing"]["everySteps"] == 100
+    _edit(cluster, namespace, "edit", {"suspend": True})
+    wait_phase(cluster, namespace, "edit", c.Phase.SUSPENDED, op=operator)
+    wait_until(lambda: _spec_in_config_map(cluster, namespace, "edit")["checkpointing"]["everySteps"] == 7,
+               30, "the spec ConfigMap to get the edit once the pods stopped", interval=0.3)
+    applied = [e["message"] for e in events(cluster, namespace, "edit") if e["reason"] == c.Reason.SPEC_APPLIED]
+    assert any("runPolicy.backoffLimit" in m and "applied to the Job" in m for m in applied), applied
+    assert any("checkpointing.everySteps: written to the spec ConfigMap" in m for m in applied), applied
+    _edit(cluster, namespace, "edit", {"suspend": False})
+    wait_running_pod(cluster, namespace, "edit", exclude={first["metadata"]["uid"]})
+    # A finished job's spec is history.
+    for pod in pods_of(cluster, namespace, "edit"):
+        cluster.kubectl("annotate", "pod", pod["metadata"]["name"], "-n", namespace, "--overwrite",
+                        f"{STAGE_HOLD}=false")
+    wait_phase(cluster, namespace, "edit", c.Phase.SUCCEEDED, op=operator)
+    refused = _edit(cluster, namespace, "edit", {"runPolicy": {"backoffLimit": 1}}, check=False)
+    assert refused.returncode != 0 and "finished" in refused.stderr, refused.stderr

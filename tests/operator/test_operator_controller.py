@@ -463,3 +463,15 @@ def test_an_immutable_field_that_got_past_the_crd_is_refused_not_applied() -> No
     assert "model.uri: cannot change after creation, not applied" in kube.messages[-1]
     ctl.reconcile("ns", "tune")
     assert kube.events == [c.Reason.SPEC_NOT_APPLIED]
+
+
+def test_an_edit_of_a_finished_job_is_told_to_have_no_effect() -> None:
+    b = body()
+    b["status"] = {"phase": c.Phase.SUCCEEDED, "observedGeneration": 1}
+    b["metadata"]["generation"] = 2  # edited where the CRD lacks the rule that refuses it
+    ctl, kube = controller(b)
+    for _ in range(2):
+        ctl.reconcile("ns", "tune", full=True)
+    assert kube.creates == [] and kube.events == [c.Reason.SPEC_NOT_APPLIED]
+    assert kube.messages == ["spec generation 2: the job has finished (Succeeded); edits have no effect"]
+    assert kube.ftjs[("ns", "tune")]["status"]["observedGeneration"] == 2
