@@ -411,6 +411,9 @@ class Controller:
         # A new job has no children yet: creating first saves a read each.
         read_first = created_before
         config_map, made_cm = self.kube.ensure(wanted.config_map, read_first=read_first)
+        version = (str(body["metadata"].get("uid")), body["metadata"].get("generation"))
+        # The digest of the spec just built: _spec_digest need not serialise it again.
+        self._digests[key] = (version, wanted.config_map["metadata"]["annotations"][builders.SPEC_DIGEST_ANNOTATION])
         job, made_job = self.kube.ensure(wanted.job, read_first=read_first)
         service_body = builders.build_service(builders.Owner.from_body(body), job["metadata"]["uid"])
         service, made_svc = self.kube.ensure(service_body, read_first=read_first)
