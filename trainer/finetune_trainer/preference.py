@@ -4,8 +4,10 @@ Rows are read and renamed by data.py (the user's columns via dataset.fields); he
 checked for what preference training needs, with the file and line of each problem:
 
 - `chosen` and `rejected` present and non-empty (a missing column is data.py's error);
-- a non-empty prompt: an explicit `prompt` column, or, in the chat form (chosen/rejected as
-  message lists), the messages both share before they differ;
+- a non-empty prompt: an explicit `prompt` column, or, without one (the implicit-prompt layout
+  of the widely used human-preference sets, where chosen and rejected are whole transcripts), the
+  part both share before they differ: the leading messages in the chat form, the leading text
+  (cut at a whitespace, so that neither answer starts mid-word) in the string form;
 - not every pair identical (chosen == rejected gives DPO and the reward model nothing to learn);
   identical pairs among good ones are dropped with a warning.
 
@@ -16,7 +18,6 @@ Both forms come out as TRL expects them: strings {prompt, chosen, rejected}, or 
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,23 @@ def _as_chat(value: Any, role: str) -> list[dict[str, str]]:
     return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
+def split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen answer, rejected answer) of two transcripts that share their beginning.
+
+    The prompt ends before the last whitespace of the shared text, so each answer keeps its
+    leading space or newline and neither starts inside a word both happen to begin alike.
+    """
+    n = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        n += 1
+    cut = max(chosen.rfind(c, 0, n) for c in " \n\t")
+    if cut < 0:  # text without whitespace (e.g. Chinese): the shared characters
+        cut = n
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
 def normalize_pair(rec: dict[str, Any], where: str, ds: DatasetSpec) -> dict[str, Any]:
     """One canonical preference record -> TRL's explicit-prompt form; DataError names where."""
     col = ds.fields.column
@@ -73,6 +91,13 @@ def normalize_pair(rec: dict[str, Any], where: str, ds: DatasetSpec) -> dict[str
                 )
         else:
             prompt = _as_chat(prompt, "user")
+    elif "prompt" not in rec:
+        prompt, chosen, rejected = split_shared_text(chosen, rejected)
+        if _blank(prompt) or _blank(chosen) or _blank(rejected):
+            raise DataError(
+                f"{where}: empty prompt: column {col('prompt')!r} is missing or empty and "
+                f"{col('chosen')!r}/{col('rejected')!r} share no leading text (map yours with dataset.fields.prompt)"
+            )
     elif _blank(prompt):
         raise DataError(
             f"{where}: empty prompt: column {col('prompt')!r} is missing or empty "
@@ -107,21 +132,12 @@ def load_preference(ds: DatasetSpec, workdir: Path, seed: int) -> PreferenceData
     if ds.format != "preference":
         raise DataError(f"dataset.format is {ds.format}; this objective needs dataset.format preference")
     train, chat = check_pairs(data.read_rows(ds.train, workdir), ds, ds.train)
+    held: list[dict[str, Any]] | None = None
     if ds.validation is not None:
         held, held_chat = check_pairs(data.read_rows(ds.validation, workdir), ds, ds.validation)
         if held_chat != chat:
             raise DataError(f"{ds.validation}: held-out rows are not in the same form as {ds.train}")
-    else:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(train) * (ds.validation_split or 0.1)))
-        if len(train) - n_eval < 1:
-            raise DataError(f"{ds.train}: {len(train)} usable pairs are too few to hold out {n_eval}")
-        eval_idx = set(order[:n_eval])
-        held = [r for i, r in enumerate(train) if i in eval_idx]
-        train = [r for i, r in enumerate(train) if i not in eval_idx]
-    if ds.max_samples is not None:
-        train = train[: ds.max_samples]
+    train, held = data.split_held_out(train, held, ds, seed, what="usable pairs")
     return PreferenceData(datasets.Dataset.from_list(train), datasets.Dataset.from_list(held), chat)
 
 
