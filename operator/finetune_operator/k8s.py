@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,6 +58,13 @@ def _drain(resp: Any) -> None:
     resp.data  # noqa: B018 - reading .data releases the connection
 
 
+@dataclass(frozen=True)
+class _ChildCalls:
+    create: Callable[..., Any]
+    read: Callable[..., Any]
+    patch: Callable[..., Any]
+
+
 class Kube:
     def __init__(self, api_client: Any | None = None) -> None:
         self.client = api_client or kubernetes.client.ApiClient()
@@ -88,25 +97,24 @@ class Kube:
 
     # --- children --------------------------------------------------------------------------
 
-    def _create(self, obj: dict[str, Any]) -> Any:
-        ns = obj["metadata"]["namespace"]
-        kind = obj["kind"]
+    def _calls(self, kind: str) -> _ChildCalls:
+        """The client's create, read and patch calls of a child kind."""
         if kind == "ConfigMap":
-            return self.core.create_namespaced_config_map(ns, obj, _preload_content=False)
+            return _ChildCalls(self.core.create_namespaced_config_map, self.core.read_namespaced_config_map,
+                               self.core.patch_namespaced_config_map)
         if kind == "Service":
-            return self.core.create_namespaced_service(ns, obj, _preload_content=False)
+            return _ChildCalls(self.core.create_namespaced_service, self.core.read_namespaced_service,
+                               self.core.patch_namespaced_service)
         if kind == "Job":
-            return self.batch.create_namespaced_job(ns, obj, _preload_content=False)
+            return _ChildCalls(self.batch.create_namespaced_job, self.batch.read_namespaced_job,
+                               self.batch.patch_namespaced_job)
         raise ValueError(f"unsupported kind {kind}")
 
+    def _create(self, obj: dict[str, Any]) -> Any:
+        return self._calls(obj["kind"]).create(obj["metadata"]["namespace"], obj, _preload_content=False)
+
     def _read(self, kind: str, namespace: str, name: str) -> Any:
-        if kind == "ConfigMap":
-            return self.core.read_namespaced_config_map(name, namespace, _preload_content=False)
-        if kind == "Service":
-            return self.core.read_namespaced_service(name, namespace, _preload_content=False)
-        if kind == "Job":
-            return self.batch.read_namespaced_job(name, namespace, _preload_content=False)
-        raise ValueError(f"unsupported kind {kind}")
+        return self._calls(kind).read(name, namespace, _preload_content=False)
 
     def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -147,15 +155,7 @@ class Kube:
 
     def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         """Merge patch of a child (ConfigMap, Service or Job); the new object."""
-        calls: dict[str, Any] = {"ConfigMap": self.core.patch_namespaced_config_map,
-                                 "Service": self.core.patch_namespaced_service,
-                                 "Job": self.batch.patch_namespaced_job}
-        if kind not in calls:
-            raise ValueError(f"unsupported kind {kind}")
-        return _raw(calls[kind](name, namespace, patch, _content_type=MERGE_PATCH, _preload_content=False))
-
-    def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
-        return self.patch("Job", namespace, name, {"spec": {"suspend": suspend}})
+        return _raw(self._calls(kind).patch(name, namespace, patch, _content_type=MERGE_PATCH, _preload_content=False))
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
         label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
