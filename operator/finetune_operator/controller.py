@@ -381,7 +381,9 @@ class Controller:
         # Read only after an edit: the cache does not keep the spec the ConfigMap holds.
         meta = config_map["metadata"]
         current = self.kube.get_child("ConfigMap", meta["namespace"], meta["name"])
-        held = json.loads(((current or {}).get("data") or {}).get(c.SPEC_FILE_NAME) or "{}")
+        if current is None:
+            return  # deleted meanwhile: its watch event brings the next reconcile, which makes it again
+        held = json.loads((current.get("data") or {}).get(c.SPEC_FILE_NAME) or "{}")
         text = builders.spec_json(spec)
         paths = [p for p in spec_edits.changes(held, json.loads(text)) if p not in spec_edits.OWN_EVENTS]
         generation = _generation(body)
