@@ -10,6 +10,8 @@ from typing import Any
 from finetune_api.constants import OPERATOR_METRIC_PREFIX, Phase, Reason
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from .cache import CHILD_TRIMS
+
 P = OPERATOR_METRIC_PREFIX
 NAMES = {
     "jobs": f"{P}jobs",
@@ -47,6 +49,8 @@ class OperatorMetrics:
         # series that appears with value 1 (the chart's restarts alert would need one restart more).
         for reason in RESTART_REASONS:
             self.restarts.labels(reason=reason)
+        for kind in CHILD_TRIMS:
+            self.children_recreated.labels(kind=kind)
 
     def set_phase(self, key: str, phase: str | None) -> None:
         """Record the phase of one job (None: it is gone) and refresh the counts."""
