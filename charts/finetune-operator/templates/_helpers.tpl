@@ -142,6 +142,13 @@ the operator turns Kopf's namespace and CRD scanning off. */}}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Capabilities.APIVersions.Has "kueue.x-k8s.io/v1beta2" }}
+# Kueue's Workloads (jobs with spec.queueName): why a job waits, read from their status. Only where
+# the cluster serves Kueue's API (helm template: --api-versions kueue.x-k8s.io/v1beta2).
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "watch"]
+{{- end }}
 {{- end }}
 
 {{/* PromQL of the alerts (prometheusrule.yaml). */}}
