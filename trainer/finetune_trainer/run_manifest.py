@@ -17,6 +17,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from finetune_api import ManifestError
 from finetune_api.constants import ExitCode
@@ -39,22 +40,78 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def how_to_load(where: str, method: str, merged: bool) -> list[str]:
-    if method in PEFT_METHODS:
-        lines = [
-            "from peft import AutoPeftModelForCausalLM",
-            "from transformers import AutoTokenizer",
-            f"model = AutoPeftModelForCausalLM.from_pretrained({where!r})",
-            f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
-        ]
-        if merged:
-            lines.append(f"# or the merged full model: AutoModelForCausalLM.from_pretrained({where + '/merged'!r})")
-        return lines
-    return [
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = AutoModelForCausalLM.from_pretrained({where!r})",
-        f"tokenizer = AutoTokenizer.from_pretrained({where!r})",
+#: Summary lines: metric key of the `base`/`tuned` sections -> label, in printing order. The
+#: recipes report different numbers (sft: loss and perplexity; dpo: margin and accuracy of the
+#: implicit reward; reward: pair accuracy; ppo: the reward model's score of held-out answers).
+SUMMARY_LABELS = {
+    "evalLoss": "eval loss",
+    "perplexity": "perplexity",
+    "rewardMargin": "reward margin",
+    "preferenceAccuracy": "preference accuracy",
+    "accuracy": "pair accuracy",
+    "heldOutReward": "held-out reward",
+    "chosenLogp": "chosen logp",
+    "rejectedLogp": "rejected logp",
+}
+
+
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """`label  base X -> tuned Y` for every number the tuned section holds, whatever the objective."""
+    base, tuned = metrics.get("base") or {}, metrics.get("tuned") or {}
+    keys = [k for k in SUMMARY_LABELS if k in tuned] + sorted(k for k in tuned if k not in SUMMARY_LABELS)
+    width = max((len(SUMMARY_LABELS.get(k, k)) for k in keys), default=0)
+    lines = []
+    for key in keys:
+        value = tuned[key]
+        if not isinstance(value, (int, float)):
+            continue
+        label = SUMMARY_LABELS.get(key, key).ljust(width)
+        before = base.get(key)
+        if isinstance(before, (int, float)):
+            line = f"{label}  base {before:.4f} -> tuned {value:.4f}"
+            if key == "evalLoss":
+                line += " (dropped)" if value < before else " (did NOT drop)"
+        else:
+            line = f"{label}  {value:.4f}"
+        lines.append(line)
+    return lines
+
+
+def _model_class(objective: str, peft: bool) -> tuple[str, str]:
+    """(module, class) that loads the artifact: reward models are sequence classifiers."""
+    task = "SequenceClassification" if objective == "reward" else "CausalLM"
+    return ("peft", f"AutoPeftModelFor{task}") if peft else ("transformers", f"AutoModelFor{task}")
+
+
+def how_to_load(uri: str, method: str, merged: bool, objective: str = "sft") -> list[str]:
+    """Python lines that load the artifact at `uri` (any output form), as printed by `finetune run`.
+
+    Local forms (a path, file://, pvc:// as mounted here) load from the filesystem path; s3:// is
+    first copied locally with the storage layer (same AWS_* environment as the run, checked against
+    manifest.json), since from_pretrained reads neither file:// nor s3:// URIs.
+    """
+    from . import storage
+
+    lines: list[str] = []
+    if storage.is_local(uri):
+        where = repr(storage.resolve(uri)[1])
+    else:
+        local = "./" + uri.rstrip("/").rsplit("/", 1)[-1]
+        lines += ["from finetune_trainer.storage import fetch",
+                  f"path = str(fetch({uri!r}, {local!r}))  # a local copy, checked against manifest.json"]
+        where = "path"
+    peft = method in PEFT_METHODS
+    module, cls = _model_class(objective, peft)
+    lines += [
+        f"from {module} import {cls}",
+        "from transformers import AutoTokenizer",
+        f"model = {cls}.from_pretrained({where})",
+        f"tokenizer = AutoTokenizer.from_pretrained({where})",
     ]
+    if peft and merged:
+        full = _model_class(objective, False)[1]
+        lines.append(f"# or the merged full model: {full}.from_pretrained({where} + '/merged')")
+    return lines
 
 
 def main(argv: list[str]) -> int:
@@ -101,19 +158,14 @@ def main(argv: list[str]) -> int:
           f"{m.get('train', {}).get('steps', '?')} steps")
     if result.reused:
         print(f"  already complete: {result.output_uri} holds this spec's artifact (manifest.json); not retrained")
-    if "base" in m and "tuned" in m:
-        b, t = m["base"], m["tuned"]
-        verdict = "dropped" if t["evalLoss"] < b["evalLoss"] else "did NOT drop"
-        print(f"  eval loss   base {b['evalLoss']:.4f} -> tuned {t['evalLoss']:.4f} ({verdict})")
-        print(f"  perplexity  base {b['perplexity']:.2f} -> tuned {t['perplexity']:.2f}")
-    elif "tuned" in m:
-        print(f"  eval loss {m['tuned']['evalLoss']:.4f}, perplexity {m['tuned']['perplexity']:.2f}")
+    for line in summary_lines(m):
+        print(f"  {line}")
     gen = m.get("generation", {})
     if gen:
         print("  generation  " + ", ".join(f"{k} {gen[k]:.3f}" for k in HEADLINE if k in gen))
     print(f"  artifact    {result.output_uri}  ({len(result.manifest.files)} files, "
           f"{result.artifact.size_bytes / 1e6:.1f} MB, manifest sha256 {result.artifact.sha256[:12]})")
     print("  load it with:")
-    for line in how_to_load(result.output_uri, spec.method.type, output.wants_merged(spec)):
+    for line in how_to_load(result.output_uri, spec.method.type, output.wants_merged(spec), spec.objective.type):
         print(f"    {line}")
     return ExitCode.SUCCESS
