@@ -127,11 +127,24 @@ def _files(path: Path, uri: str, pattern: str | None = None) -> list[Path]:
     return [_check_type(path)]
 
 
+def not_utf8(path: Path) -> DataError:
+    """The first line of a file that is not UTF-8 (a decoder's own position is inside its buffer)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        return DataError(f"{path}: line {line}, column {column}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                         "save the file as UTF-8")
+    return DataError(f"{path}: not UTF-8 text")
+
+
 def _read_json(path: Path) -> Iterator[Row]:
     try:
         text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text: {exc}") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -169,8 +182,8 @@ def _read_csv(path: Path, delimiter: str = ",") -> Iterator[Row]:
                 yield Row(where, dict(rec))
         except csv.Error as exc:
             raise DataError(f"{path}: line {reader.line_num}: invalid {kind}: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not UTF-8 text: {exc}") from None
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
 
 
 def _read_tsv(path: Path) -> Iterator[Row]:
