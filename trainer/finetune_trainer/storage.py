@@ -60,7 +60,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import fsspec
-from finetune_api.constants import CHECKPOINT_PREFIX, MANIFEST_FILE, PVC_MOUNT_ROOT, Env, Reason, StorageEnv
+from finetune_api.constants import (
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    MANIFEST_FILE,
+    PVC_MOUNT_ROOT,
+    Env,
+    Reason,
+    StorageEnv,
+)
 from finetune_api.status import Artifact, FileEntry, Manifest
 from fsspec.implementations.local import LocalFileSystem
 
@@ -233,7 +241,9 @@ def is_local(uri: str) -> bool:
 
 # --- Errors and retries ------------------------------------------------------------------
 
-_PERMANENT_ERRNOS = {errno.EINVAL, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENAMETOOLONG}
+# EROFS/EEXIST/ENOTDIR: a local output on a read-only filesystem, or a file where a folder must be.
+_PERMANENT_ERRNOS = {errno.EINVAL, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENAMETOOLONG, errno.EROFS,
+                     errno.EEXIST, errno.ENOTDIR}
 
 
 def _is_permanent(exc: BaseException) -> bool:
@@ -387,13 +397,19 @@ def publish(
     fs, root = resolve(dest_uri)
     manifest_path = f"{root}/{MANIFEST_FILE}"
 
-    # Re-publishing (a checkpoint saved again after a restart): the prefix stops being complete
-    # before any of its files change.
-    def drop_old_manifest() -> None:
+    # Re-publishing (a checkpoint saved again after a restart, an artifact trained again with
+    # resume: never): the prefix stops being complete before any of its files change.
+    def drop_old_manifest() -> bool:
         if fs.exists(manifest_path):
             fs.rm_file(manifest_path)
+            return True
+        return False
 
-    _retry("prepare", dest_uri, drop_old_manifest)
+    replaced = _retry("prepare", dest_uri, drop_old_manifest)
+    # A checkpoint's step-N prefix is ours alone; an artifact's prefix is when it held one before.
+    # A folder that never held a manifest may be the user's own: its other files are left alone.
+    if replaced or kind == "checkpoint":
+        _remove_unlisted(fs, root, dest_uri, {e.path for e in entries}, keep_checkpoints=kind == "artifact")
 
     put_kwargs: dict[str, Any] = {} if _is_local(fs) else {"chunksize": MULTIPART_CHUNK_BYTES}
     for rel, path in files:
@@ -427,6 +443,38 @@ def publish(
     return manifest, artifact
 
 
+def _remove_unlisted(
+    fs: fsspec.AbstractFileSystem, root: str, uri: str, listed: set[str], *, keep_checkpoints: bool
+) -> None:
+    """Delete what an older artifact left under root that the new manifest will not list (a
+    `merged/` no longer asked for, files of another method), so that a complete prefix holds
+    exactly its manifest's files. An artifact's checkpoints/ is its own prefix (own manifests)."""
+
+    def scan() -> list[str]:
+        try:
+            return [str(k) for k in fs.find(root)]
+        except FileNotFoundError:
+            return []
+
+    stale = []
+    for key in _retry("list", uri, scan):
+        if not key.startswith(root + "/"):
+            continue
+        rel = key[len(root) + 1 :]
+        if rel in listed or rel == MANIFEST_FILE or (keep_checkpoints and rel.startswith(CHECKPOINTS_DIR + "/")):
+            continue
+        stale.append(key)
+    if not stale:
+        return
+    _retry("remove older files from", uri, lambda: fs.rm(stale))
+    if _is_local(fs):
+        # Folders the deleted files leave empty (object stores have none).
+        for dirpath, _, _ in sorted(os.walk(root), key=lambda d: -len(d[0])):
+            if dirpath != root and not os.listdir(dirpath):
+                os.rmdir(dirpath)
+    log.info("%s: removed %d files of an older artifact that the new manifest does not list", uri, len(stale))
+
+
 def _write_manifest(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if _is_local(fs):
         # Temp file + rename: readers see no manifest or the whole manifest, never half of one.
@@ -434,6 +482,8 @@ def _write_manifest(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> No
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".manifest-", suffix=".tmp")
         try:
+            # mkstemp makes the file 0600; the other files get the default mode (0666 less umask).
+            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -445,6 +495,13 @@ def _write_manifest(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> No
             raise
     else:
         fs.pipe_file(path, data)  # a single PUT: S3 objects appear atomically
+
+
+def _umask() -> int:
+    """The process umask (only readable by setting it; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_file(uri: str, name: str) -> bytes | None:
@@ -500,6 +557,8 @@ def verify(uri: str) -> Manifest:
 def check_writable(uri: str) -> None:
     """Write and delete a small probe under uri: a missing bucket or bad credentials fail here."""
     fs, root = resolve(uri)
+    if _is_local(fs) and os.path.exists(root) and not os.path.isdir(root):
+        raise StorageError(f"{uri}: the output must be a folder; {root} exists and is not one", uri=uri, permanent=True)
     probe = f"{root}/.finetune-probe-{os.getpid()}-{random.randrange(1 << 30)}"
 
     def write_and_delete() -> None:
