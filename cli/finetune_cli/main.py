@@ -14,6 +14,8 @@ from .manifests import check_file
 #   name -> (module, extra that provides it, help)
 PLUGINS = {
     "run": ("finetune_trainer.run_manifest", "trainer", "Run a FineTuneJob manifest on this machine (CPU or local GPU)."),
+    "preflight": ("finetune_trainer.preflight", "trainer",
+                  "Check a manifest's data, chat template and memory plan before any GPU is taken."),
     "train": ("finetune_trainer.entrypoint", "trainer", "Container entry point: train from the spec the operator mounts."),
     "operator": ("finetune_operator.operator_cli", "operator", "Run the operator against the current kube context."),
     "cache": ("finetune_trainer.cache", "trainer", "The shared model cache: 'warm URI...' fills it ahead of jobs."),
