@@ -1,20 +1,27 @@
-"""Spec -> TRL/transformers configuration objects.
+"""Spec -> TRL/transformers configuration objects: the one way from the spec to a trainer's args.
 
-TRL's SFTConfig defaults to bf16=True and gradient checkpointing on; both are wrong on a CPU
-(bf16 autocast is emulated and ~20x slower, see ML-FINDINGS). Every such default is set here from
-the spec, never left to the library.
+`shared_training_args` decides every TrainingArguments field the objectives share; a recipe adds
+only its own arguments and builds its TRL config class with `build_config`, which refuses names
+the installed versions do not take. TRL's configs default to bf16 and gradient checkpointing on;
+both are wrong on a CPU (bf16 autocast is emulated and ~20x slower, see ML-FINDINGS). Every such
+default is set here from the spec, never left to the library.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from finetune_api.spec import FineTuneJobSpec
 
 from . import distributed
+
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
@@ -59,21 +66,24 @@ def total_steps_hint(spec: FineTuneJobSpec, train_rows: int, world_size: int = 1
     return max(1, int(steps_per_epoch * hp.epochs + 0.999999))
 
 
-def sft_config(
+def shared_training_args(
     spec: FineTuneJobSpec,
     output_dir: Path,
     precision: Precision,
     *,
     max_steps: int | None = None,
     has_eval: bool = True,
-    extra: dict[str, Any] | None = None,
-) -> Any:
-    """The SFTConfig for a run; `max_steps` overrides the spec (CLI --max-steps)."""
-    from trl import SFTConfig
+    count_tokens: bool = True,
+) -> dict[str, Any]:
+    """The TrainingArguments every objective takes from the spec, as keyword arguments.
 
+    `max_steps` overrides the spec (CLI --max-steps); `has_eval`: the trainer gets held-out
+    data to evaluate every evaluation.everySteps; `count_tokens`: the batches hold input_ids
+    the Trainer can count (not so for paired chosen/rejected batches).
+    """
     hp = spec.hyperparameters
     steps = max_steps if max_steps is not None else hp.max_steps
-    eval_every = spec.evaluation.every_steps
+    eval_every = spec.evaluation.every_steps if has_eval else None
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),
         "num_train_epochs": hp.epochs,
@@ -83,12 +93,12 @@ def sft_config(
         "gradient_accumulation_steps": hp.gradient_accumulation,
         "learning_rate": hp.learning_rate,
         "lr_scheduler_type": hp.scheduler,
-        # transformers 5 reads a float < 1 in warmup_steps as a ratio of the total steps.
+        # transformers 5 has no warmup_ratio: a float < 1 in warmup_steps is a ratio of the total steps.
         "warmup_steps": float(hp.warmup_ratio),
         "weight_decay": hp.weight_decay,
         "optim": hp.optimizer,
         "max_grad_norm": hp.max_grad_norm,
-        "gradient_checkpointing": hp.gradient_checkpointing,
+        "activation_checkpointing": hp.gradient_checkpointing,
         "seed": hp.seed,
         "data_seed": hp.seed,
         "bf16": precision.bf16,
@@ -101,20 +111,43 @@ def sft_config(
         "save_strategy": "steps",
         "save_steps": spec.checkpointing.every_steps,
         "save_total_limit": spec.checkpointing.keep,
-        "eval_strategy": "steps" if (eval_every and has_eval) else "no",
+        "eval_strategy": "steps" if eval_every else "no",
         "eval_steps": eval_every,
-        "max_length": spec.dataset.max_seq_length,
-        "packing": spec.dataset.packing,
-        "packing_strategy": "bfd",
-        # Datasets arrive tokenized with labels (data.py builds the loss masks itself).
-        "dataset_kwargs": {},
-        "remove_unused_columns": True,
         "dataloader_num_workers": 0,
-        "include_num_input_tokens_seen": "non_padding",
+        "include_num_input_tokens_seen": "non_padding" if count_tokens else "no",
         "save_only_model": False,
     }
     # DDP / FSDP2 / DeepSpeed settings from spec.distributed (distributed.py).
     kwargs.update(distributed.training_args_kwargs(spec))
-    if extra:
-        kwargs.update(extra)
-    return SFTConfig(**kwargs)
+    return kwargs
+
+
+def build_config(config_cls: type[C], shared: Mapping[str, Any], own: Mapping[str, Any]) -> C:
+    """`config_cls(**shared, **own)`, failing loudly on a name the installed version does not take.
+
+    A TRL/transformers upgrade that renames or removes an argument must stop the build, not drop
+    the setting: unknown names raise, and so does a deprecation warning that names one of ours
+    (the old name still works, but only until the next release). `own` (the objective's own
+    arguments) may not repeat a shared one.
+    """
+    import transformers
+    import trl
+
+    versions = f"transformers {transformers.__version__}, trl {trl.__version__}"
+    clash = sorted(set(shared) & set(own))
+    if clash:
+        raise TypeError(f"{config_cls.__name__}: {', '.join(clash)} set by both the shared arguments and the recipe")
+    kwargs = {**shared, **own}
+    known = {f.name for f in dataclasses.fields(config_cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"{config_cls.__name__} ({versions}) has no argument {', '.join(unknown)}: renamed or removed")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = config_cls(**kwargs)
+    for w in caught:
+        named = [n for n in kwargs if f"`{n}`" in str(w.message)]
+        if issubclass(w.category, (DeprecationWarning, FutureWarning)) and named:
+            raise TypeError(f"{config_cls.__name__} ({versions}): argument {named[0]} is deprecated: {w.message}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return cfg

@@ -110,7 +110,7 @@ def deepspeed_config(spec: FineTuneJobSpec) -> dict[str, Any]:
 
 
 def training_args_kwargs(spec: FineTuneJobSpec) -> dict[str, Any]:
-    """TrainingArguments fields for spec.distributed (merged over config.py's own)."""
+    """TrainingArguments fields for spec.distributed (they override config.shared_training_args' own)."""
     d = spec.distributed
     kwargs: dict[str, Any] = {"ddp_timeout": d.timeout_seconds}
     if world_size() > 1:  # accelerate refuses a backend without a process group to use it
@@ -124,7 +124,7 @@ def training_args_kwargs(spec: FineTuneJobSpec) -> dict[str, Any]:
         kwargs["fsdp_config"] = fsdp_config(spec)
         enable_cpu_fsdp(spec)
         if spec.hyperparameters.gradient_checkpointing:
-            kwargs["gradient_checkpointing"] = False  # done by FSDP (fsdp_config above)
+            kwargs["activation_checkpointing"] = False  # done by FSDP (fsdp_config above)
     elif d.strategy == "deepspeed":
         kwargs["deepspeed"] = deepspeed_config(spec)
         if not on_gpu(spec):

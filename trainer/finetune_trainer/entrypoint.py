@@ -130,3 +130,9 @@ def main(argv: list[str]) -> int:
     ))
     log.info("artifact %s (manifest sha256 %s)", result.output_uri, result.artifact.sha256)
     return ExitCode.SUCCESS
+
+
+if __name__ == "__main__":  # one rank of a torchrun launch (launcher.torchrun_command)
+    from . import launcher
+
+    launcher.run_rank(main, sys.argv[1:])

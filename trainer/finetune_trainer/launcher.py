@@ -6,7 +6,9 @@ FINETUNE_RDZV_TIMEOUT_SECONDS. With a world size of 1 the entry point trains in-
 `maybe_launch` re-executes it under torchrun (static rendezvous, no elastic restarts: the Job
 restarts the whole group) and returns the pod's exit code.
 
-Every rank records its own exit code in a file before leaving (`child_main`), and leaves with
+Each rank runs `python -m finetune_trainer.entrypoint` (RANK_MODULE), whose `__main__` hands its
+`main` to `run_rank`: this module never imports the entry point, which imports it. Every rank
+records its own exit code in a file before leaving (`run_rank`), and leaves with
 os._exit: DeepSpeed sometimes aborts at interpreter exit after a finished run ("terminate called
 without an active exception"), so the pod's outcome is judged from what the ranks recorded, not
 only from torchrun's exit status. A permanent error (42) or preemption (43) of any local rank is
@@ -22,10 +24,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from finetune_api.constants import RENDEZVOUS_PORT, Env, ExitCode
 
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Set in the processes torchrun starts: they train instead of launching again.
 LAUNCHED_ENV = "FINETUNE_LAUNCHED"
+#: The module torchrun runs in each rank: the entry point, run as __main__, calls run_rank(main).
+RANK_MODULE = "finetune_trainer.entrypoint"
 #: Folder where each rank records its exit code (rank-<RANK>.json).
 RESULTS_ENV = "FINETUNE_RANK_RESULTS"
 DEFAULT_RDZV_TIMEOUT = 1800
@@ -90,7 +94,7 @@ class Rendezvous:
 
 
 def torchrun_command(rdzv: Rendezvous, argv: list[str]) -> list[str]:
-    """torchrun (static rendezvous at rank 0's address) running `child_main` with `argv`."""
+    """torchrun (static rendezvous at rank 0's address) running the entry point with `argv` in each rank."""
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(rdzv.num_nodes),
@@ -102,7 +106,7 @@ def torchrun_command(rdzv: Rendezvous, argv: list[str]) -> list[str]:
         # A failed rank fails the pod; the Job (backoffLimit) restarts the whole group.
         "--max-restarts", "0",
         "--monitor-interval", "1",
-        "-m", __name__,
+        "-m", RANK_MODULE,
         *argv,
     ]
 
@@ -183,15 +187,13 @@ def maybe_launch(argv: list[str], env: Mapping[str, str] | None = None) -> int |
     return launch(rdzv, argv, env)
 
 
-def child_main(argv: list[str]) -> int:
-    """One rank under torchrun: train, record the exit code, leave without interpreter teardown."""
-    from . import entrypoint
-
+def run_rank(train: Callable[[list[str]], int], argv: list[str]) -> NoReturn:
+    """One rank under torchrun: `train(argv)`, record the exit code, leave without interpreter teardown."""
     if os.environ.get("LOCAL_RANK", "0") != "0":
         # One termination message per pod: local rank 0 writes it.
         os.environ[Env.TERMINATION_LOG] = os.devnull
     try:
-        code = entrypoint.main(argv)
+        code = train(argv)
     except SystemExit as exc:  # the preemption handler exits 43 after its checkpoint
         code = exc.code if isinstance(exc.code, int) else 1
     results = os.environ.get(RESULTS_ENV)
@@ -201,7 +203,3 @@ def child_main(argv: list[str]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-if __name__ == "__main__":
-    child_main(sys.argv[1:])

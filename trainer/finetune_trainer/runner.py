@@ -6,7 +6,6 @@ container entry point) call.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from finetune_api.status import Artifact, Manifest
 from . import distributed, output, storage, uris
 from .errors import ConfigError
 from .metrics import MetricsCallback, TrainerMetrics
-from .recipes import RecipeContext, RecipeResult
+from .recipes import Recipe, RecipeContext, RecipeResult, dpo, ppo, reward, sft
 from .recipes.base import checkpoint_uri, checkpoints_uri_for
 
 log = logging.getLogger(__name__)
@@ -90,8 +89,12 @@ def finished_run(spec: FineTuneJobSpec, dest: str) -> RunResult | None:
     return RunResult(dest, artifact, manifest, metrics, None, reused=True, checkpoints_uri=checkpoints_uri_for(dest))
 
 
-def recipe_module(objective: str) -> Any:
-    return importlib.import_module(f"finetune_trainer.recipes.{objective}")
+#: The recipe of each objective; typed as the contract, so mypy checks every module against it.
+RECIPES: dict[str, Recipe] = {"sft": sft, "dpo": dpo, "reward": reward, "ppo": ppo}
+
+
+def recipe_module(objective: str) -> Recipe:
+    return RECIPES[objective]
 
 
 def _scratch(parent: Path | None) -> Path:

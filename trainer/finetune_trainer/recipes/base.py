@@ -1,6 +1,6 @@
 """What every recipe shares: the callbacks list and the resume point (the single place where
-checkpointing is wired), evaluations before training, and the training summary that goes into
-metrics.json."""
+checkpointing is wired), the baseline evaluation before training, the save of the trained model,
+and the `train` and `method` sections of metrics.json."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from finetune_api.constants import CHECKPOINTS_DIR, Env
 from finetune_api.spec import FineTuneJobSpec
 from transformers import TrainerCallback
 
-from .. import methods
+from .. import config, methods, models, output
 from ..progress import ProgressCallback
 from . import RecipeContext
 
@@ -80,6 +80,62 @@ def train_summary(trainer: Any, train_output: Any) -> dict[str, Any]:
         "runtimeSeconds": runtime,
         "tokensPerSecond": tokens / runtime if runtime > 0 else 0.0,
     }
+
+
+def method_section(spec: FineTuneJobSpec, model: Any) -> dict[str, Any]:
+    """The `method` section of metrics.json: how much of the model was trained."""
+    trainable, all_params = methods.trainable_parameters(model)
+    return {"type": spec.method.type, "trainableParameters": trainable, "totalParameters": all_params}
+
+
+def save(ctx: RecipeContext, trainer: Any, tokenizer: Any, load_base: Callable[[], Any]) -> None:
+    """The trained model (adapter or full weights) and tokenizer into ctx.stage, plus merged/ when
+    output.save asks for it: the adapter merged into a fresh full-precision base (`load_base()`).
+
+    Every rank comes here: under ZeRO-3 saving gathers the weights (output.save_weights).
+    """
+    spec = ctx.spec
+    model = trainer.model
+    wrote = output.save_model(model, tokenizer, ctx.stage, spec, trainer)
+    if not output.wants_merged(spec):
+        return
+    adapter_dir = ctx.stage
+    if "adapter" not in (spec.output.save or []):
+        adapter_dir = ctx.workdir / "adapter"
+        wrote = output.save_weights(model, adapter_dir, trainer)
+    if wrote:  # ZeRO-3: only the main process holds the gathered adapter (and publishes)
+        output.save_merged(adapter_dir, load_base, ctx.stage, tokenizer)
+
+
+def causal_lm_base(ctx: RecipeContext, precision: config.Precision) -> Callable[[], Any]:
+    """`load_base` for `save` of a causal-LM policy: the base model in full precision, also for
+    QLoRA (quantized weights cannot hold the merged sum)."""
+
+    def load() -> Any:
+        full_precision = ctx.spec.model_copy(deep=True)
+        full_precision.model.quantization = None
+        return models.load_model(full_precision, precision, ctx.workdir).model
+
+    return load
+
+
+def evaluate_baseline(
+    spec: FineTuneJobSpec,
+    trainer: Any,
+    evaluate_base: Callable[[], Any],
+    *,
+    more: dict[str, Callable[[], Any]] | None = None,
+    survive_resume: Collection[str] = (),
+) -> dict[str, Any]:
+    """The one baseline evaluation of every recipe, before training (now, or once train() has
+    wrapped the model: see evaluate_before_training): `evaluate_base()`, the recipe's
+    `evaluate(s, trainer, base=True)`, as "base" when evaluation.baseline is on, and `more`
+    evaluations of the starting weights."""
+    evaluations: dict[str, Callable[[], Any]] = {}
+    if spec.evaluation.baseline:
+        evaluations["base"] = evaluate_base
+    evaluations.update(more or {})
+    return evaluate_before_training(trainer, evaluations, survive_resume=survive_resume)
 
 
 def evaluate_before_training(

@@ -12,42 +12,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from finetune_api.spec import FineTuneJobSpec
 
 from .. import config, methods, models, preference
 from ..errors import ConfigError
 from . import RecipeContext, RecipeResult, base
-from . import sft as sft_recipe
 
 log = logging.getLogger(__name__)
-
-#: TrainingArguments the core decides once in config.sft_config (fp32 on CPU, no checkpointing
-#: unless asked, logging, checkpoints); the preference recipes copy them into their own configs.
-SHARED_ARGS = (
-    "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-    "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "optim",
-    "max_grad_norm", "gradient_checkpointing", "seed", "data_seed", "bf16", "fp16", "use_cpu", "logging_steps",
-    "logging_strategy", "disable_tqdm", "save_strategy", "save_steps", "save_total_limit", "eval_strategy",
-    "eval_steps", "dataloader_num_workers", "save_only_model", "include_num_input_tokens_seen", "fsdp",
-    "fsdp_config", "deepspeed", "ddp_timeout",
-)
-
-
-def shared_args(
-    spec: FineTuneJobSpec, output_dir: Path, precision: config.Precision, max_steps: int | None, has_eval: bool = True
-) -> dict[str, Any]:
-    """The core's TrainingArguments choices, as kwargs for any TRL config class."""
-    sft_args = config.sft_config(spec, output_dir, precision, max_steps=max_steps, has_eval=has_eval)
-    out: dict[str, Any] = {"report_to": "none"}
-    for name in SHARED_ARGS:
-        value = getattr(sft_args, name, None)
-        if value is not None and value != "" and value != []:
-            out[name] = value
-    return out
-
 
 @dataclass
 class Setup:
@@ -83,13 +56,16 @@ def dpo_config(ctx: RecipeContext, s: Setup) -> Any:
         raise ConfigError("objective.preference is missing (the API fills it for type dpo)")
     if p.label_smoothing > 0 and p.loss_type not in ("robust", "sigmoid", "exo_pair"):
         raise ConfigError(f"objective.preference.labelSmoothing applies to lossType robust or sigmoid, not {p.loss_type}")
-    return DPOConfig(
-        **shared_args(s.spec, ctx.workdir / "checkpoints", s.precision, ctx.max_steps),
-        beta=p.beta,
-        loss_type=[p.loss_type],
-        label_smoothing=p.label_smoothing,
-        max_length=s.spec.dataset.max_seq_length,
-        remove_unused_columns=False,
+    return config.build_config(
+        DPOConfig,
+        config.shared_training_args(s.spec, ctx.workdir / "checkpoints", s.precision, max_steps=ctx.max_steps),
+        {
+            "beta": p.beta,
+            "loss_type": [p.loss_type],
+            "label_smoothing": p.label_smoothing,
+            "max_length": s.spec.dataset.max_seq_length,
+            "remove_unused_columns": False,
+        },
     )
 
 
@@ -108,8 +84,11 @@ def build_trainer(ctx: RecipeContext, s: Setup) -> Any:
     )
 
 
-def preference_eval(trainer: Any) -> dict[str, float]:
-    """DPO reward margin, preference accuracy and loss on the held-out pairs."""
+def evaluate(s: Setup, trainer: Any, *, base: bool = False) -> dict[str, Any]:
+    """DPO reward margin, preference accuracy and loss on the held-out pairs.
+
+    Before training (base) the policy is the starting model: a fresh adapter changes nothing yet.
+    """
     # TRL adds its own metrics under "eval_" whatever metric_key_prefix says.
     prefix = "eval"
     out = trainer.evaluate(metric_key_prefix=prefix)
@@ -142,32 +121,19 @@ def run(ctx: RecipeContext) -> RecipeResult:
     trainer = build_trainer(ctx, s)
     gen = generation.GenerationEval.from_preference(s.spec, s.loaded.tokenizer, s.data)
     metrics: dict[str, Any] = {}
-    # Now, or in a distributed run once train() has wrapped the model (base.evaluate_before_training).
-    before = base.evaluate_before_training(
-        trainer, {"base": lambda: preference_eval(trainer)} if s.spec.evaluation.baseline else {}
-    )
+    before = base.evaluate_baseline(s.spec, trainer, lambda: evaluate(s, trainer, base=True))
     gen.answer_base(trainer.model)
     train_output = trainer.train(resume_from_checkpoint=base.resume_from(ctx, s.spec))
     metrics.update(before)
     metrics["train"] = base.train_summary(trainer, train_output)
-    metrics["tuned"] = preference_eval(trainer)
+    metrics["tuned"] = evaluate(s, trainer)
     generation_metrics = gen.score_tuned(trainer.model)
     if generation_metrics:
         metrics["generation"] = generation_metrics
-    trainable, all_params = methods.trainable_parameters(trainer.model)
-    metrics["method"] = {"type": s.spec.method.type, "trainableParameters": trainable, "totalParameters": all_params}
+    metrics["method"] = base.method_section(s.spec, trainer.model)
     metrics["objective"] = {"type": "dpo", **(s.spec.objective.preference.wire() if s.spec.objective.preference else {})}
     metrics["summary"] = summary(metrics)
-    sft_recipe.save(ctx, cast(Any, SaveView(s.spec, s.precision, s.loaded)), trainer)
+    base.save(ctx, trainer, s.loaded.tokenizer, base.causal_lm_base(ctx, s.precision))
     return RecipeResult(
         metrics=metrics, base_model=s.loaded.identity, model=trainer.model, tokenizer=s.loaded.tokenizer, trainer=trainer
     )
-
-
-@dataclass
-class SaveView:
-    """What sft.save reads from its Setup: saving a causal-LM policy is the same for every recipe."""
-
-    spec: FineTuneJobSpec
-    precision: config.Precision
-    loaded: models.LoadedModel

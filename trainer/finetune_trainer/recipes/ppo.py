@@ -25,7 +25,7 @@ import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from finetune_api.constants import MERGED_DIR
 from finetune_api.spec import FineTuneJobSpec
@@ -33,8 +33,6 @@ from finetune_api.spec import FineTuneJobSpec
 from .. import config, data, methods, models, preference, uris
 from ..errors import ConfigError, DataError
 from . import RecipeContext, RecipeResult, base
-from .dpo import SaveView, shared_args
-from .sft import save as save_policy
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +160,21 @@ def grpo_config(ctx: RecipeContext, s: Setup) -> Any:
 
     ppo = s.spec.objective.ppo
     assert ppo is not None
-    return GRPOConfig(
-        **shared_args(s.spec, ctx.workdir / "checkpoints", s.precision, ctx.max_steps, has_eval=False),
-        beta=ppo.kl_coef,
-        num_iterations=ppo.ppo_epochs,
-        max_completion_length=ppo.response_length,
-        temperature=ppo.temperature,
-        num_generations=group_size(s.spec),
-        remove_unused_columns=False,
-        log_completions=False,
+    return config.build_config(
+        GRPOConfig,
+        # No eval_dataset: held-out prompts are scored by the reward model before and after (evaluate).
+        config.shared_training_args(
+            s.spec, ctx.workdir / "checkpoints", s.precision, max_steps=ctx.max_steps, has_eval=False
+        ),
+        {
+            "beta": ppo.kl_coef,
+            "num_iterations": ppo.ppo_epochs,
+            "max_completion_length": ppo.response_length,
+            "temperature": ppo.temperature,
+            "num_generations": group_size(s.spec),
+            "remove_unused_columns": False,
+            "log_completions": False,
+        },
     )
 
 
@@ -187,6 +191,11 @@ def build_trainer(ctx: RecipeContext, s: Setup) -> Any:
         peft_config=s.peft_config,
         callbacks=base.training_callbacks(ctx, s.spec),
     )
+
+
+def evaluate(s: Setup, trainer: Any, *, base: bool = False) -> dict[str, Any]:
+    """Mean reward of greedy answers to the held-out prompts (base: with the adapter disabled)."""
+    return {"heldOutReward": held_out_reward(s, trainer.model, disable_adapter=base)}
 
 
 def held_out_reward(s: Setup, model: Any, *, disable_adapter: bool = False) -> float:
@@ -224,15 +233,17 @@ def rollout_summary(trainer: Any) -> dict[str, Any]:
 def run(ctx: RecipeContext) -> RecipeResult:
     s = setup(ctx)
     trainer = build_trainer(ctx, s)
-    metrics: dict[str, Any] = {}
-    if s.spec.evaluation.baseline:
-        metrics["base"] = {"heldOutReward": held_out_reward(s, trainer.model, disable_adapter=True)}
+    # With a PEFT method the base is the policy with its adapter disabled: no checkpoint changes it.
+    peft = hasattr(trainer.model, "disable_adapter")
+    before = base.evaluate_baseline(
+        s.spec, trainer, lambda: evaluate(s, trainer, base=True), survive_resume=("base",) if peft else ()
+    )
     train_output = trainer.train(resume_from_checkpoint=base.resume_from(ctx, s.spec))
+    metrics: dict[str, Any] = dict(before)
     metrics["train"] = base.train_summary(trainer, train_output)
     metrics["rollouts"] = rollout_summary(trainer)
-    metrics["tuned"] = {"heldOutReward": held_out_reward(s, trainer.model)}
-    trainable, all_params = methods.trainable_parameters(trainer.model)
-    metrics["method"] = {"type": s.spec.method.type, "trainableParameters": trainable, "totalParameters": all_params}
+    metrics["tuned"] = evaluate(s, trainer)
+    metrics["method"] = base.method_section(s.spec, trainer.model)
     ppo = s.spec.objective.ppo
     assert ppo is not None
     metrics["objective"] = {"type": "ppo", "trainer": "trl.GRPOTrainer", "groupSize": group_size(s.spec), **ppo.wire()}
@@ -243,7 +254,7 @@ def run(ctx: RecipeContext) -> RecipeResult:
         if metrics["rollouts"].get(key) is not None:
             summary[key] = metrics["rollouts"][key]
     metrics["summary"] = summary
-    save_policy(ctx, cast(Any, SaveView(s.spec, s.precision, s.loaded)), trainer)
+    base.save(ctx, trainer, s.loaded.tokenizer, base.causal_lm_base(ctx, s.precision))
     log.info("ppo (GRPO) rollouts: %s", json.dumps({k: v for k, v in metrics["rollouts"].items() if "Curve" not in k}))
     return RecipeResult(
         metrics=metrics, base_model=s.loaded.identity, model=trainer.model, tokenizer=s.loaded.tokenizer, trainer=trainer

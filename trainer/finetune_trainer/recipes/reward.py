@@ -5,8 +5,8 @@ setup: AutoModelForSequenceClassification(num_labels=1) from the base model (the
        is trained in full; with a PEFT method PEFT keeps it in modules_to_save), pad token id set
        (the head reads the last non-pad token), checked preference pairs.
 train: RewardTrainer (Bradley-Terry loss); held-out accuracy and margin before and after.
-save:  the reward model (adapter, or full weights) + tokenizer; with a PEFT method also merged/
-       when asked. `objective.ppo.rewardModel` points at this artifact (root or merged/).
+save:  the reward model (adapter, or full weights) + tokenizer; with a LoRA-family method also
+       merged/ when asked (base.save). `objective.ppo.rewardModel` points at this artifact (root or merged/).
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_api.constants import MERGED_DIR
 from finetune_api.spec import FineTuneJobSpec
 
-from .. import config, methods, models, output, preference, uris
+from .. import config, methods, models, preference, uris
 from ..errors import ConfigError
 from . import RecipeContext, RecipeResult, base
-from .dpo import shared_args
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +85,13 @@ def setup(ctx: RecipeContext) -> Setup:
 def build_trainer(ctx: RecipeContext, s: Setup) -> Any:
     from trl import RewardConfig, RewardTrainer
 
-    kwargs = shared_args(s.spec, ctx.workdir / "checkpoints", s.precision, ctx.max_steps)
-    # Pairs arrive as chosen_ids/rejected_ids: the Trainer cannot count input tokens (it warns each step).
-    kwargs["include_num_input_tokens_seen"] = "no"
-    args = RewardConfig(
-        **kwargs,
-        max_length=s.spec.dataset.max_seq_length,
-        remove_unused_columns=False,
+    args = config.build_config(
+        RewardConfig,
+        # Pairs arrive as chosen_ids/rejected_ids: the Trainer cannot count input tokens (it warns each step).
+        config.shared_training_args(
+            s.spec, ctx.workdir / "checkpoints", s.precision, max_steps=ctx.max_steps, count_tokens=False
+        ),
+        {"max_length": s.spec.dataset.max_seq_length, "remove_unused_columns": False},
     )
     return RewardTrainer(
         model=s.model,
@@ -106,8 +104,12 @@ def build_trainer(ctx: RecipeContext, s: Setup) -> Any:
     )
 
 
-def reward_eval(trainer: Any) -> dict[str, float]:
-    """Held-out pairwise accuracy (chosen scored above rejected), mean margin and loss."""
+def evaluate(s: Setup, trainer: Any, *, base: bool = False) -> dict[str, Any]:
+    """Held-out pairwise accuracy (chosen scored above rejected), mean margin and loss.
+
+    Before training (base) the head is the freshly initialised one: the numbers of an untrained
+    reward model.
+    """
     out = trainer.evaluate(metric_key_prefix="eval")  # TRL logs its metrics under eval_
     return {
         "evalLoss": float(out["eval_loss"]),
@@ -117,28 +119,23 @@ def reward_eval(trainer: Any) -> dict[str, float]:
 
 
 def save(ctx: RecipeContext, s: Setup, trainer: Any) -> None:
-    model = trainer.model
-    output.save_model(model, s.tokenizer, ctx.stage, s.spec, trainer)  # trainer: ZeRO-3 gathers weights
-    if s.peft_config is not None and "merged" in (s.spec.output.save or []):
-        merged = model.merge_and_unload()  # the in-memory adapter is no longer needed
-        merged.save_pretrained(ctx.stage / MERGED_DIR, safe_serialization=True)
-        s.tokenizer.save_pretrained(ctx.stage / MERGED_DIR)
+    def load_base() -> Any:
+        # The fresh head is replaced by the trained one saved with the adapter (modules_to_save).
+        return load_reward_base(ctx.spec, s.precision, ctx)[0]
+
+    base.save(ctx, trainer, s.tokenizer, load_base)
 
 
 def run(ctx: RecipeContext) -> RecipeResult:
     s = setup(ctx)
     trainer = build_trainer(ctx, s)
     metrics: dict[str, Any] = {}
-    # Now, or in a distributed run once train() has wrapped the model (base.evaluate_before_training).
-    before = base.evaluate_before_training(
-        trainer, {"base": lambda: reward_eval(trainer)} if s.spec.evaluation.baseline else {}
-    )
+    before = base.evaluate_baseline(s.spec, trainer, lambda: evaluate(s, trainer, base=True))
     train_output = trainer.train(resume_from_checkpoint=base.resume_from(ctx, s.spec))
     metrics.update(before)
     metrics["train"] = base.train_summary(trainer, train_output)
-    metrics["tuned"] = reward_eval(trainer)
-    trainable, all_params = methods.trainable_parameters(trainer.model)
-    metrics["method"] = {"type": s.spec.method.type, "trainableParameters": trainable, "totalParameters": all_params}
+    metrics["tuned"] = evaluate(s, trainer)
+    metrics["method"] = base.method_section(s.spec, trainer.model)
     metrics["summary"] = {"rewardAccuracy": metrics["tuned"]["accuracy"], "rewardMargin": metrics["tuned"]["rewardMargin"]}
     if "base" in metrics:
         metrics["summary"]["baseRewardAccuracy"] = metrics["base"]["accuracy"]

@@ -16,7 +16,7 @@ from typing import Any
 
 from finetune_api.spec import FineTuneJobSpec
 
-from .. import config, continual, data, methods, models, output
+from .. import config, continual, data, methods, models
 from ..evaluation import generation, perplexity
 from . import RecipeContext, RecipeResult, base
 
@@ -56,44 +56,43 @@ def setup(ctx: RecipeContext) -> Setup:
 
 def build_trainer(ctx: RecipeContext, s: Setup) -> Any:
     from transformers import PrinterCallback
-    from trl import SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 
-    args = config.sft_config(s.spec, ctx.workdir / "checkpoints", s.precision, max_steps=ctx.max_steps)
+    spec = s.spec
+    args = config.build_config(
+        SFTConfig,
+        config.shared_training_args(spec, ctx.workdir / "checkpoints", s.precision, max_steps=ctx.max_steps),
+        {
+            "max_length": spec.dataset.max_seq_length,
+            "packing": spec.dataset.packing,
+            "packing_strategy": "bfd",
+            # Datasets arrive tokenized with labels (data.py builds the loss masks itself).
+            "dataset_kwargs": {},
+            "remove_unused_columns": True,
+        },
+    )
     # objective.continual: replay rows mixed in, and the l2/ewc penalty in the loss (no-op without it).
-    s.continual = continual.for_sft(s.spec, s.model, s.loaded.tokenizer, s.data.train, ctx.workdir, SFTTrainer)
+    s.continual = continual.for_sft(spec, s.model, s.loaded.tokenizer, s.data.train, ctx.workdir, SFTTrainer)
     trainer = s.continual.trainer_cls(
         model=s.model,
         args=args,
         train_dataset=s.continual.train,
         eval_dataset=s.data.eval,
         processing_class=s.loaded.tokenizer,
-        callbacks=base.training_callbacks(ctx, s.spec),
+        callbacks=base.training_callbacks(ctx, spec),
     )
     # With disable_tqdm the Trainer prints every log dict; our progress bar replaces that.
     trainer.remove_callback(PrinterCallback)
     return trainer
 
 
+def evaluate(s: Setup, trainer: Any, *, base: bool = False) -> dict[str, Any]:
+    """Held-out loss and perplexity (base: with the PEFT adapter disabled)."""
+    return perplexity.evaluate(trainer, base=base)
+
+
 def save(ctx: RecipeContext, s: Setup, trainer: Any) -> None:
-    spec = s.spec
-    model = trainer.model
-    # Every rank comes here: under ZeRO-3 saving gathers the weights (output.save_weights).
-    wrote = output.save_model(model, s.loaded.tokenizer, ctx.stage, spec, trainer)
-    if output.wants_merged(spec):
-        adapter_dir = ctx.stage
-        if "adapter" not in (spec.output.save or []):
-            adapter_dir = ctx.workdir / "adapter"
-            wrote = output.save_weights(model, adapter_dir, trainer)
-        if not wrote:
-            return  # ZeRO-3: only the main process holds the gathered adapter (and publishes)
-
-        def load_base() -> Any:
-            # Merge into full-precision weights, also for QLoRA (quantized weights cannot hold the sum).
-            full_precision = spec.model_copy(deep=True)
-            full_precision.model.quantization = None
-            return models.load_model(full_precision, s.precision, ctx.workdir).model
-
-        output.save_merged(adapter_dir, load_base, ctx.stage, s.loaded.tokenizer)
+    base.save(ctx, trainer, s.loaded.tokenizer, base.causal_lm_base(ctx, s.precision))
 
 
 def run(ctx: RecipeContext) -> RecipeResult:
@@ -102,15 +101,13 @@ def run(ctx: RecipeContext) -> RecipeResult:
     # bleu/rouge/win_rate/accuracy/f1 on held-out prompts (a no-op unless evaluation asks for them).
     gen = generation.GenerationEval.from_records(s.spec, s.loaded.tokenizer, s.data.eval_records)
     metrics: dict[str, Any] = {}
-    # Now, or in a distributed run once train() has wrapped the model (base.evaluate_before_training).
-    evaluations: dict[str, Any] = {}
-    if s.spec.evaluation.baseline:
-        evaluations["base"] = lambda: perplexity.evaluate(trainer, base=True)
+    more: dict[str, Any] = {}
     if s.continual.earlier_eval is not None:  # objective.continual with replay: forgetting is measured
-        evaluations["earlier"] = lambda: continual.earlier_loss(trainer, s.continual)
+        more["earlier"] = lambda: continual.earlier_loss(trainer, s.continual)
     # With a PEFT method the base is the model with its adapter disabled: no checkpoint changes it.
     peft = hasattr(trainer.model, "disable_adapter")
-    before = base.evaluate_before_training(trainer, evaluations, survive_resume=("base",) if peft else ())
+    before = base.evaluate_baseline(s.spec, trainer, lambda: evaluate(s, trainer, base=True), more=more,
+                                    survive_resume=("base",) if peft else ())
     gen.answer_base(trainer.model)
     train_output = trainer.train(resume_from_checkpoint=base.resume_from(ctx, s.spec))
     if "base" in before:
@@ -122,15 +119,14 @@ def run(ctx: RecipeContext) -> RecipeResult:
         )
         summary.update(continual.summary(metrics["continual"]))
     metrics["train"] = base.train_summary(trainer, train_output)
-    metrics["tuned"] = perplexity.evaluate(trainer)
+    metrics["tuned"] = evaluate(s, trainer)
     generation_metrics = gen.score_tuned(trainer.model)
     if generation_metrics:
         metrics["generation"] = generation_metrics
         summary.update(generation.headline(generation_metrics))
     if summary:
         metrics["summary"] = summary
-    trainable, all_params = methods.trainable_parameters(trainer.model)
-    metrics["method"] = {"type": s.spec.method.type, "trainableParameters": trainable, "totalParameters": all_params}
+    metrics["method"] = base.method_section(s.spec, trainer.model)
     save(ctx, s, trainer)
     return RecipeResult(
         metrics=metrics, base_model=s.loaded.identity, model=trainer.model, tokenizer=s.loaded.tokenizer, trainer=trainer
