@@ -196,6 +196,9 @@ class StorageEnv:
     REGION: Final = "AWS_REGION"
 
     ALL: Final = (ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN, ENDPOINT_URL, REGION)
+    # The keys the Secret must hold (a pod whose Secret lacks one does not start); the others are
+    # optional (a session token only for temporary credentials).
+    REQUIRED: Final = (ACCESS_KEY_ID, SECRET_ACCESS_KEY)
     # The values that must never be shown. The access key ID is an identifier, not a secret (and
     # often a short word that also occurs in bucket names, so masking it would mangle URIs).
     SECRETS: Final = (SECRET_ACCESS_KEY, SESSION_TOKEN)

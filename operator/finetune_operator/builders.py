@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from finetune_api import constants as c
+from finetune_api import layout
 from finetune_api.spec import FineTuneJobSpec
 
 COMPONENT_TRAINER = "trainer"
@@ -41,13 +42,6 @@ CACHE_ENV = {
     "TRITON_CACHE_DIR": f"{c.SCRATCH_DIR}/cache/triton",
     "TMPDIR": TMP_DIR,
 }
-# Keys of the credentials Secret (see OutputSpec.credentials_secret): (name, optional).
-CREDENTIAL_KEYS = (
-    ("AWS_ACCESS_KEY_ID", False),
-    ("AWS_SECRET_ACCESS_KEY", False),
-    ("AWS_ENDPOINT_URL", True),
-    ("AWS_REGION", True),
-)
 
 
 @dataclass(frozen=True)
@@ -185,10 +179,6 @@ def master_address(owner_name: str) -> str:
     return f"{job_name(owner_name)}-0.{service_name(owner_name)}"
 
 
-def checkpoint_uri(output_uri: str) -> str:
-    return f"{output_uri.rstrip('/')}/{c.CHECKPOINTS_DIR}"
-
-
 # --- metadata --------------------------------------------------------------------------------
 
 
@@ -280,7 +270,7 @@ def build_env(owner: Owner, spec: FineTuneJobSpec, credentials_as_files: bool = 
         _env(c.Env.JOB_NAME, owner.name),
         _env(c.Env.NAMESPACE, owner.namespace),
         _env(c.Env.OUTPUT_URI, spec.output.uri),
-        _env(c.Env.CHECKPOINT_URI, checkpoint_uri(spec.output.uri)),
+        _env(c.Env.CHECKPOINT_URI, layout.checkpoints_uri(spec.output.uri)),
         _env(c.Env.METRICS_PORT, c.TRAINER_METRICS_PORT),
         _env(c.Env.NUM_NODES, res.nodes),
         {
@@ -300,8 +290,9 @@ def build_env(owner: Owner, spec: FineTuneJobSpec, credentials_as_files: bool = 
     elif secret is not None:
         # Credentials travel only as references to the user's Secret, never as values.
         env += [
-            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key, "optional": optional}}}
-            for key, optional in CREDENTIAL_KEYS
+            {"name": key, "valueFrom": {"secretKeyRef": {
+                "name": secret.name, "key": key, "optional": key not in c.StorageEnv.REQUIRED}}}
+            for key in c.StorageEnv.ALL
         ]
     return env
 
@@ -383,7 +374,7 @@ def build_volumes(
     for i, (claim, writable) in enumerate(sorted(pvc_claims(spec).items())):
         vol = f"pvc-{i}"
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
-        mounts.append({"name": vol, "mountPath": f"{c.PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable})
+        mounts.append({"name": vol, "mountPath": layout.pvc_mount_path(claim), "readOnly": not writable})
     if defaults.model_cache is not None:
         volume, mount = cache_volume(owner, defaults.model_cache)
         volumes.append(volume)

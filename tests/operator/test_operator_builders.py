@@ -106,12 +106,14 @@ def test_cpu_only_job_requests_no_gpu_and_tolerates_no_gpu_taint() -> None:
 
 def test_credentials_come_only_from_the_referenced_secret() -> None:
     env = env_of(children().job)
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"):
+    # Every key the trainer's storage reads, AWS_SESSION_TOKEN (temporary credentials) included.
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION"):
         ref = env[key]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == "s3-creds" and ref["key"] == key
         assert "value" not in env[key]
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["optional"] is False
     assert env["AWS_REGION"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
     manifest = job_manifest("tune")
     del manifest["spec"]["output"]["credentialsSecret"]
     no_secret = env_of(build_children(OWNER, parse_spec(manifest["spec"]), OPTIONS).job)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from finetune_api import layout
 from finetune_api.constants import MANIFEST_FILE, PVC_MOUNT_ROOT
 from finetune_api.status import Manifest
 from finetune_trainer import storage
@@ -92,7 +93,7 @@ def test_checkpoint_listing_and_pruning(tmp_path: Path) -> None:
     for step in (10, 20, 30, 40):
         storage.publish(
             make_dir(tmp_path / f"s{step}", {"w": str(step).encode()}),
-            storage.checkpoint_uri(ckpts, step),
+            layout.step_uri(ckpts, step),
             kind="checkpoint",
             step=step,
         )

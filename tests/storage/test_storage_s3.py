@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from finetune_api import layout
 from finetune_api.constants import MANIFEST_FILE, Env, StorageEnv
 from finetune_trainer import storage
 from finetune_trainer.storage import StorageError
@@ -162,7 +163,7 @@ def test_checkpoint_listing_and_pruning_on_s3(s3: str, tmp_path: Path) -> None:
     for step in (3, 6, 9):
         storage.publish(
             write_files(tmp_path / f"s{step}", {"w.bin": 1000 + step}),
-            storage.checkpoint_uri(ckpts, step),
+            layout.step_uri(ckpts, step),
             kind="checkpoint",
             step=step,
         )

@@ -37,6 +37,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from finetune_api import layout
 from finetune_api.constants import ExitCode
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import Checkpoint
@@ -118,7 +119,7 @@ class CheckpointSync(TrainerCallback):
         if state.is_world_process_zero:
             step = state.global_step
             local = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-            uri = storage.checkpoint_uri(self.checkpoints_uri, step)
+            uri = layout.step_uri(self.checkpoints_uri, step)
             storage.publish(local, uri, kind="checkpoint", step=step)
             self.last_checkpoint = Checkpoint(step=step, uri=uri, time=datetime.now(UTC))
             storage.prune_checkpoints(self.checkpoints_uri, self.keep)

@@ -23,7 +23,7 @@ from . import distributed, output, storage, uris
 from .errors import ConfigError
 from .metrics import MetricsCallback, TrainerMetrics
 from .recipes import Recipe, RecipeContext, RecipeResult, dpo, ppo, reward, sft
-from .recipes.base import checkpoint_uri, checkpoints_uri_for
+from .recipes.base import run_checkpoints_uri
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def finished_run(spec: FineTuneJobSpec, dest: str) -> RunResult | None:
     raw = storage.read_file(dest, METRICS_FILE)
     metrics = json.loads(raw) if raw else {}
     log.info("%s already holds the complete artifact of this spec: not retraining", dest)
-    return RunResult(dest, artifact, manifest, metrics, None, reused=True, checkpoints_uri=checkpoints_uri_for(dest))
+    return RunResult(dest, artifact, manifest, metrics, None, reused=True, checkpoints_uri=run_checkpoints_uri(dest))
 
 
 #: The recipe of each objective; typed as the contract, so mypy checks every module against it.
@@ -143,7 +143,7 @@ def run_job(spec: FineTuneJobSpec, output_uri: str | None = None, overrides: Ove
             return RunResult(dest, None, None, result.metrics, result, port)
         output.write_metrics(ctx.stage, result.metrics)
         manifest, artifact = output.publish(ctx.stage, dest, spec, result.base_model)
-        return RunResult(dest, artifact, manifest, result.metrics, result, port, checkpoints_uri=checkpoint_uri(ctx))
+        return RunResult(dest, artifact, manifest, result.metrics, result, port, checkpoints_uri=run_checkpoints_uri(ctx.output_uri, ctx.checkpoint_uri))
     finally:
         metrics.close()
         if not o.keep_workdir:

@@ -2,7 +2,9 @@
 
 URIs: ``s3://bucket/key`` (any S3-compatible endpoint, through s3fs), ``file:///abs``, plain
 absolute or ``./relative`` paths, and ``pvc://claim/path`` (the claim mounted by the operator at
-``finetune_api.constants.PVC_MOUNT_ROOT/claim``).
+``finetune_api.constants.PVC_MOUNT_ROOT/claim``). Which URIs are local, and where checkpoints
+live, is decided in ``finetune_api.layout`` (``is_local``, ``local_path``, ``step_uri``; the
+first two are this module's too).
 
 S3 endpoint, region and credentials come from the environment the operator fills from the
 output's credentials Secret (``finetune_api.constants.StorageEnv``: AWS_ACCESS_KEY_ID,
@@ -64,11 +66,12 @@ from finetune_api.constants import (
     CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
     MANIFEST_FILE,
-    PVC_MOUNT_ROOT,
     Env,
     Reason,
     StorageEnv,
 )
+from finetune_api.layout import is_local as is_local  # re-exported: the same function
+from finetune_api.layout import local_path, step_uri
 from finetune_api.status import Artifact, FileEntry, Manifest
 from fsspec.implementations.local import LocalFileSystem
 
@@ -210,13 +213,8 @@ def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         if not path:
             raise StorageError(f"{uri}: no bucket in the URI", uri=uri, permanent=True)
         return _s3_filesystem(), path
-    if uri.startswith("pvc://"):
-        local = os.path.join(PVC_MOUNT_ROOT, uri.removeprefix("pvc://"))
-    elif uri.startswith("file://"):
-        local = uri.removeprefix("file://")
-    elif uri.startswith(("/", "./", "../")) or uri in (".", ".."):
-        local = uri
-    else:
+    local = local_path(uri)
+    if local is None:
         raise StorageError(
             f"{uri}: not a storage URI (expected s3://, file://, pvc:// or a local path)",
             uri=uri,
@@ -232,11 +230,6 @@ def _join(uri: str, *parts: str) -> str:
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
-
-
-def is_local(uri: str) -> bool:
-    """True for file://, pvc:// and plain paths (read in place, never copied)."""
-    return _is_local(resolve(uri)[0])
 
 
 # --- Errors and retries ------------------------------------------------------------------
@@ -620,10 +613,6 @@ def _verify_local(manifest: Manifest, local_dir: Path, uri: str) -> None:
 # --- Checkpoints -------------------------------------------------------------------------
 
 
-def checkpoint_uri(checkpoints_uri: str, step: int) -> str:
-    return _join(checkpoints_uri, f"{CHECKPOINT_PREFIX}{step}")
-
-
 def _list_steps(checkpoints_uri: str) -> list[tuple[int, str, bool]]:
     """(step, uri, complete) of every step-N prefix, sorted by step."""
     fs, root = resolve(checkpoints_uri)
@@ -640,7 +629,7 @@ def _list_steps(checkpoints_uri: str) -> list[tuple[int, str, bool]]:
             if m := _STEP_RE.match(name):
                 step = int(m.group(1))
                 complete = bool(fs.exists(f"{root}/{name}/{MANIFEST_FILE}"))
-                found.append((step, checkpoint_uri(checkpoints_uri, step), complete))
+                found.append((step, step_uri(checkpoints_uri, step), complete))
         return sorted(found)
 
     return _retry("list checkpoints in", checkpoints_uri, scan)

@@ -1,28 +1,29 @@
 """Turning the spec's source URIs into local paths.
 
-Local paths (`/abs`, `./relative`, `file:///abs`) are used as they are; `s3://` and `pvc://` go
-through the storage layer (`finetune_trainer.storage.fetch`), imported only when needed so that
-local runs do not depend on it. Anything else is a Hugging Face id, read through the local cache.
+Local URIs (`/abs`, `./relative`, `file:///abs`, and `pvc://claim/path`, mounted in the pod:
+`finetune_api.layout.local_path` decides) are used in place; `s3://` goes through the storage
+layer (`finetune_trainer.storage.fetch`), imported only when needed so that local runs do not
+depend on it. Anything else is a Hugging Face id, read through the local cache.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from finetune_api import layout
+from finetune_api.layout import is_local as is_local  # re-exported: the same function
+
 from .errors import ConfigError
 
-REMOTE_SCHEMES = ("s3://", "pvc://")
-
-
-def is_local(uri: str) -> bool:
-    return uri.startswith(("/", "./", "../", "file://"))
+REMOTE_SCHEMES = ("s3://",)
 
 
 def local_path(uri: str) -> Path:
     """The filesystem path of a local URI (no existence check)."""
-    if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
-    return Path(uri)
+    path = layout.local_path(uri)
+    if path is None:
+        raise ConfigError(f"{uri}: not a local path")
+    return Path(path)
 
 
 def is_remote(uri: str) -> bool:
@@ -34,7 +35,7 @@ def hf_id(uri: str) -> str:
 
 
 def fetch(uri: str, workdir: Path) -> Path:
-    """A local copy of a remote (s3://, pvc://) file or folder, through the storage layer."""
+    """A local copy of a remote (s3://) file or folder, through the storage layer."""
     try:
         from . import storage
     except ImportError as exc:  # pragma: no cover - storage ships with the trainer

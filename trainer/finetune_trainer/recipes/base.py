@@ -11,7 +11,8 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-from finetune_api.constants import CHECKPOINTS_DIR, Env
+from finetune_api import layout
+from finetune_api.constants import Env
 from finetune_api.spec import FineTuneJobSpec
 from transformers import TrainerCallback
 
@@ -22,13 +23,10 @@ from . import RecipeContext
 log = logging.getLogger(__name__)
 
 
-def checkpoint_uri(ctx: RecipeContext) -> str:
-    return checkpoints_uri_for(ctx.output_uri, ctx.checkpoint_uri)
-
-
-def checkpoints_uri_for(output_uri: str, override: str | None = None) -> str:
-    """Where checkpoints go: the override, $FINETUNE_CHECKPOINT_URI, else <output>/checkpoints."""
-    return override or os.environ.get(Env.CHECKPOINT_URI) or f"{output_uri.rstrip('/')}/{CHECKPOINTS_DIR}"
+def run_checkpoints_uri(output_uri: str, override: str | None = None) -> str:
+    """Where this run's checkpoints go: the override (RecipeContext.checkpoint_uri), else
+    $FINETUNE_CHECKPOINT_URI (set by the operator), else the layout's <output>/checkpoints."""
+    return override or os.environ.get(Env.CHECKPOINT_URI) or layout.checkpoints_uri(output_uri)
 
 
 def _checkpointing() -> Any | None:
@@ -48,7 +46,7 @@ def training_callbacks(ctx: RecipeContext, spec: FineTuneJobSpec) -> list[Any]:
     out.extend(ctx.extra_callbacks)
     ckpt = _checkpointing()
     if ckpt is not None and hasattr(ckpt, "checkpoint_callbacks"):
-        out.extend(ckpt.checkpoint_callbacks(spec, checkpoint_uri(ctx)))
+        out.extend(ckpt.checkpoint_callbacks(spec, run_checkpoints_uri(ctx.output_uri, ctx.checkpoint_uri)))
     return out
 
 
@@ -59,7 +57,7 @@ def resume_from(ctx: RecipeContext, spec: FineTuneJobSpec) -> str | None:
     ckpt = _checkpointing()
     if ckpt is None or not hasattr(ckpt, "restore_latest"):
         return None
-    restored: Path | None = ckpt.restore_latest(checkpoint_uri(ctx), ctx.workdir / "restored")
+    restored: Path | None = ckpt.restore_latest(run_checkpoints_uri(ctx.output_uri, ctx.checkpoint_uri), ctx.workdir / "restored")
     return str(restored) if restored is not None else None
 
 
