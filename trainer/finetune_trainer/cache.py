@@ -408,9 +408,13 @@ class Cache:
             for _, size, key in entries:
                 if total <= self.max_bytes:
                     break
+                if key in _IN_USE:
+                    # Checked before opening its lock file: on NFS, flock is a POSIX lock, and
+                    # closing any descriptor of the file would drop this process's own use lock.
+                    continue
                 with self._flock(f"{key}.use", fcntl.LOCK_EX | fcntl.LOCK_NB) as free, \
                         self._flock(f"{key}.fill", fcntl.LOCK_EX | fcntl.LOCK_NB) as idle:
-                    if not (free and idle) or key in _IN_USE:
+                    if not (free and idle):
                         continue
                     trash = self.root / "trash" / f"{key}.{uuid.uuid4().hex[:8]}"
                     os.rename(self.entry_dir(key), trash)
