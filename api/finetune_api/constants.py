@@ -88,6 +88,15 @@ class ExitCode:
     # Anything else (1, signals, OOM-kill 137...) is retryable.
 
 
+# --- Images -------------------------------------------------------------------------------
+# The release: the Python package's version and the chart's appVersion (tests/chart checks all three).
+APP_VERSION: Final = "0.1.0"
+# The trainer image for jobs without spec.image, where the chart's values do not name another
+# (the chart's trainer.image: this repository, tag = appVersion).
+TRAINER_IMAGE_REPOSITORY: Final = "ghcr.io/finetune-dev/finetune-trainer"
+DEFAULT_TRAINER_IMAGE: Final = f"{TRAINER_IMAGE_REPOSITORY}:{APP_VERSION}"
+
+
 # --- Termination message ----------------------------------------------------------------
 TERMINATION_LOG_PATH: Final = "/dev/termination-log"
 TERMINATION_MESSAGE_MAX_BYTES: Final = 4096

@@ -8,13 +8,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from finetune_api.constants import CREDENTIALS_MOUNT_DIR, OPERATOR_HEALTH_PORT, OPERATOR_METRICS_PORT
+from finetune_api.constants import (
+    CREDENTIALS_MOUNT_DIR,
+    DEFAULT_TRAINER_IMAGE,
+    OPERATOR_HEALTH_PORT,
+    OPERATOR_METRICS_PORT,
+)
 
 from .builders import CACHE_SCOPES, ModelCache, PodDefaults, check_quantity
 from .policy import DEFAULT_NODE_SELECTOR_KEYS, DEFAULT_TOLERATION_KEYS, Policy
 
 ENV_PREFIX = "FINETUNE_OPERATOR_"
-DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
 
 
 @dataclass(frozen=True)
