@@ -97,9 +97,45 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- else }}
 - --standalone
 {{- end }}
+{{- with .Values.policy }}
+- --allowed-images={{ join "," .allowedImages }}
+- --allowed-priority-classes={{ join "," .allowedPriorityClasses }}
+- --allowed-toleration-keys={{ join "," .allowedTolerationKeys }}
+- --allowed-node-selector-keys={{ join "," .allowedNodeSelectorKeys }}
+{{- end }}
+{{- with .Values.trainerPods }}
+- --trainer-cpu-per-gpu={{ .cpuPerGpu }}
+- --trainer-memory-per-gpu={{ .memoryPerGpu }}
+- --trainer-cpu-without-gpu={{ .cpuWithoutGpu }}
+- --trainer-memory-without-gpu={{ .memoryWithoutGpu }}
+- --trainer-shm-size={{ .shmSizeLimit }}
+- --trainer-scratch-size={{ .scratchSize }}
+{{- if .credentialsAsFiles }}
+- --credentials-as-files
+{{- end }}
+{{- end }}
 {{- range .Values.operator.extraArgs }}
 - {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/* Pod anti-affinity of the operator replicas (podAntiAffinity: soft | hard), one per node. */}}
+{{- define "finetune-operator.podAntiAffinity" -}}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (include "finetune-operator.selectorLabels" . | fromYaml)) }}
+{{- if eq .Values.podAntiAffinity "hard" }}
+requiredDuringSchedulingIgnoredDuringExecution:
+  - {{ toJson $term }}
+{{- else }}
+preferredDuringSchedulingIgnoredDuringExecution:
+  - weight: 100
+    podAffinityTerm: {{ toJson $term }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of the pods the operator creates for trainers (finetune_api.constants, builders). */}}
+{{- define "finetune-operator.trainerPodLabels" -}}
+app.kubernetes.io/component: trainer
+app.kubernetes.io/managed-by: finetune-operator
 {{- end }}
 
 {{/* The operator's RBAC rules, one resource per rule, only the verbs finetune_operator calls
