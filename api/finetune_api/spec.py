@@ -329,7 +329,9 @@ class PreferenceParams(ApiModel):
 
 
 class PpoParams(ApiModel):
-    """PPO against a reward model trained with objective reward."""
+    """objective ppo: RLHF against a reward model trained with objective reward. It runs TRL's
+    GRPOTrainer (TRL ships no PPOTrainer any more): PPO's clipped objective on group-normalised
+    rewards of several sampled answers per prompt, no value network, a KL penalty toward the start."""
 
     reward_model: SourceUri = Field(description="URI of the reward model artifact (objective reward).")
     kl_coef: float = Field(0.05, ge=0, description="Weight of the KL penalty toward the starting policy.")
@@ -390,9 +392,13 @@ class ObjectiveSpec(ApiModel):
         ),
     )
 
-    type: ObjectiveType = Field("sft", description="sft, dpo, reward (train a reward model) or ppo.")
+    type: ObjectiveType = Field(
+        "sft",
+        description="sft, dpo, reward (train a reward model) or ppo (RLHF with that reward model; runs TRL's "
+        "GRPOTrainer: PPO's clipped objective on group-normalised rewards, no value network).",
+    )
     preference: PreferenceParams | None = Field(None, description="DPO parameters.")
-    ppo: PpoParams | None = Field(None, description="PPO parameters, with the reward model.")
+    ppo: PpoParams | None = Field(None, description="PPO parameters (run with TRL's GRPOTrainer), with the reward model.")
     continual: Continual | None = Field(None, description="Continual fine-tuning from an earlier artifact.")
 
     def fill_defaults(self) -> None:
