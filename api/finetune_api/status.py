@@ -7,12 +7,59 @@ and through the termination message when it ends; both shapes are defined here.
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from .constants import MODEL_CACHE_OUTCOMES, Phase
+
+
+class StatusMetric(StrEnum):
+    """The names in status.metrics: the one set the operator (while the trainer runs, from its
+    Prometheus endpoint), the trainer's entry point (the termination message) and the recipes
+    (their `summary` section of metrics.json) use. A name not listed here is not reported."""
+
+    # While running (operator) and at the end (trainer).
+    LOSS = "loss"
+    EVAL_LOSS = "evalLoss"
+    LEARNING_RATE = "learningRate"
+    TOKENS_PER_SECOND = "tokensPerSecond"
+    # At the end: objective sft.
+    PERPLEXITY = "perplexity"
+    BASE_EVAL_LOSS = "baseEvalLoss"
+    STEPS = "steps"
+    # objective dpo.
+    REWARD_MARGIN = "rewardMargin"
+    PREFERENCE_ACCURACY = "preferenceAccuracy"
+    BASE_REWARD_MARGIN = "baseRewardMargin"
+    BASE_PREFERENCE_ACCURACY = "basePreferenceAccuracy"
+    # objective reward (and rewardMargin).
+    REWARD_ACCURACY = "rewardAccuracy"
+    BASE_REWARD_ACCURACY = "baseRewardAccuracy"
+    # objective ppo.
+    HELD_OUT_REWARD = "heldOutReward"
+    BASE_HELD_OUT_REWARD = "baseHeldOutReward"
+    FINAL_KL = "finalKl"
+    LAST_REWARDS = "lastRewards"
+    # objective.continual.
+    EARLIER_TASK_LOSS_BEFORE = "earlierTaskLossBefore"
+    EARLIER_TASK_LOSS_AFTER = "earlierTaskLossAfter"
+    FORGETTING = "forgetting"
+    DISTANCE_FROM_START = "distanceFromStart"
+    # evaluation.metrics on generated answers.
+    BLEU = "bleu"
+    ROUGE1 = "rouge1"
+    ROUGE2 = "rouge2"
+    ROUGE_L = "rougeL"
+    WIN_RATE = "win_rate"
+    ACCURACY = "accuracy"
+    F1 = "f1"
+
+
+#: status.metrics as the trainer and the operator build it.
+StatusMetrics = dict[StatusMetric, float]
 
 
 class StatusModel(BaseModel):
@@ -71,7 +118,9 @@ class FineTuneJobStatus(StatusModel):
     completion_time: datetime | None = None
     progress: Progress | None = None
     metrics: dict[str, float] | None = Field(
-        None, description="Latest metrics: loss, evalLoss, perplexity, learningRate, tokensPerSecond..."
+        None,
+        description="Latest metrics: loss, evalLoss, learningRate, tokensPerSecond while running; at the end the "
+        "objective's headline numbers (evalLoss, perplexity, rewardMargin, heldOutReward...).",
     )
     last_checkpoint: Checkpoint | None = None
     artifact: Artifact | None = None

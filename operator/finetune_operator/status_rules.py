@@ -15,7 +15,7 @@ from typing import Any
 
 from finetune_api.constants import ConditionType, ExitCode, Phase, Reason, TrainerMetric
 from finetune_api.spec import FineTuneJobSpec
-from finetune_api.status import Condition, FineTuneJobStatus, Progress, TerminationMessage
+from finetune_api.status import Condition, FineTuneJobStatus, Progress, StatusMetric, TerminationMessage
 from pydantic import ValidationError
 
 from . import kueue
@@ -29,10 +29,10 @@ MAX_STALL_RESTARTS = 1
 
 # Scraped trainer metric -> key in status.metrics.
 STATUS_METRICS = {
-    TrainerMetric.LOSS: "loss",
-    TrainerMetric.EVAL_LOSS: "evalLoss",
-    TrainerMetric.LEARNING_RATE: "learningRate",
-    TrainerMetric.TOKENS_PER_SECOND: "tokensPerSecond",
+    TrainerMetric.LOSS: StatusMetric.LOSS,
+    TrainerMetric.EVAL_LOSS: StatusMetric.EVAL_LOSS,
+    TrainerMetric.LEARNING_RATE: StatusMetric.LEARNING_RATE,
+    TrainerMetric.TOKENS_PER_SECOND: StatusMetric.TOKENS_PER_SECOND,
 }
 
 # Job condition reasons of batch/v1 -> ours.

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
+from finetune_api.status import StatusMetric, StatusMetrics
 
 from .errors import ConfigError
 
@@ -426,7 +427,8 @@ def report(cont: SftContinual, before: float | None, after: float | None) -> dic
     return out
 
 
-def summary(section: dict[str, Any]) -> dict[str, float]:
+def summary(section: dict[str, Any]) -> StatusMetrics:
     """Headline numbers of the `continual` section for the termination message."""
-    keys = ("earlierTaskLossBefore", "earlierTaskLossAfter", "forgetting", "distanceFromStart")
+    keys = (StatusMetric.EARLIER_TASK_LOSS_BEFORE, StatusMetric.EARLIER_TASK_LOSS_AFTER, StatusMetric.FORGETTING,
+            StatusMetric.DISTANCE_FROM_START)
     return {k: float(section[k]) for k in keys if isinstance(section.get(k), (int, float))}

@@ -15,22 +15,22 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from finetune_api import ManifestError, parse_spec
 from finetune_api.constants import ExitCode, Reason
 from finetune_api.spec import FineTuneJobSpec
-from finetune_api.status import Checkpoint, TerminationMessage
+from finetune_api.status import Checkpoint, StatusMetric, StatusMetrics, TerminationMessage
 
 from . import termination
 from .errors import PermanentError, exit_code_for
 
 log = logging.getLogger("finetune_trainer")
 
-#: Final metrics copied into the termination message (status.metrics).
-_SUMMARY = (("tuned", "evalLoss", "evalLoss"), ("tuned", "perplexity", "perplexity"),
-            ("base", "evalLoss", "baseEvalLoss"), ("train", "finalLoss", "loss"),
-            ("train", "tokensPerSecond", "tokensPerSecond"), ("train", "steps", "steps"))
+#: Final metrics copied into the termination message (status.metrics): section, key -> name.
+_SUMMARY = (("tuned", "evalLoss", StatusMetric.EVAL_LOSS), ("tuned", "perplexity", StatusMetric.PERPLEXITY),
+            ("base", "evalLoss", StatusMetric.BASE_EVAL_LOSS), ("train", "finalLoss", StatusMetric.LOSS),
+            ("train", "tokensPerSecond", StatusMetric.TOKENS_PER_SECOND), ("train", "steps", StatusMetric.STEPS))
 
 
 def read_spec(path: str | None) -> FineTuneJobSpec:
@@ -50,14 +50,20 @@ def read_spec(path: str | None) -> FineTuneJobSpec:
         raise ConfigError(f"{path}: " + "; ".join(exc.lines)) from None
 
 
-def summary_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
-    out = {}
+def summary_metrics(metrics: dict[str, dict[str, Any]]) -> StatusMetrics:
+    """status.metrics from metrics.json: only numbers, only names of StatusMetric."""
+    out: StatusMetrics = {}
     for section, key, name in _SUMMARY:
         value = metrics.get(section, {}).get(key)
         if isinstance(value, (int, float)):
             out[name] = float(value)
     # Recipes put their own headline numbers (reward margin, win-rate, forgetting...) in `summary`.
-    for name, value in metrics.get("summary", {}).items():
+    for raw, value in metrics.get("summary", {}).items():
+        try:
+            name = StatusMetric(raw)
+        except ValueError:
+            log.warning("summary metric %r is not a StatusMetric name: not reported in status.metrics", raw)
+            continue
         if isinstance(value, (int, float)) and name not in out:
             out[name] = float(value)
     return out

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_api.status import StatusMetric, StatusMetrics
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 #: Scores answers to prompts; higher is better. Signature: (prompts, answers) -> scores.
@@ -201,9 +203,9 @@ GENERATION_METRICS = ("bleu", "rouge", "win_rate", "accuracy", "f1")
 HEADLINE = ("bleu", *ROUGE_TYPES, "win_rate", "accuracy", "f1")
 
 
-def headline(metrics: dict[str, float]) -> dict[str, float]:
+def headline(metrics: dict[str, float]) -> StatusMetrics:
     """The headline numbers of a `generation` section, for a recipe's `summary` section."""
-    return {k: float(metrics[k]) for k in HEADLINE if k in metrics}
+    return {StatusMetric(k): float(metrics[k]) for k in HEADLINE if k in metrics}
 
 
 class GenerationEval:

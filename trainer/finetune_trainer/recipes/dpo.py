@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_api.spec import FineTuneJobSpec
+from finetune_api.status import StatusMetric, StatusMetrics
 
 from .. import config, methods, models, preference
 from ..errors import ConfigError
@@ -101,16 +102,21 @@ def evaluate(s: Setup, trainer: Any, *, base: bool = False) -> dict[str, Any]:
     }
 
 
-def summary(metrics: dict[str, Any]) -> dict[str, float]:
+def summary(metrics: dict[str, Any]) -> StatusMetrics:
     """Headline numbers for the termination message (status.metrics)."""
-    out: dict[str, float] = {}
+    from ..evaluation import generation
+
+    out: StatusMetrics = {}
     tuned, before = metrics.get("tuned", {}), metrics.get("base", {})
-    for key in ("rewardMargin", "preferenceAccuracy"):
+    for key, name, base_name in (
+        ("rewardMargin", StatusMetric.REWARD_MARGIN, StatusMetric.BASE_REWARD_MARGIN),
+        ("preferenceAccuracy", StatusMetric.PREFERENCE_ACCURACY, StatusMetric.BASE_PREFERENCE_ACCURACY),
+    ):
         if key in tuned:
-            out[key] = tuned[key]
+            out[name] = tuned[key]
         if key in before:
-            out[f"base{key[0].upper()}{key[1:]}"] = before[key]
-    out.update({k: v for k, v in metrics.get("generation", {}).items() if isinstance(v, (int, float))})
+            out[base_name] = before[key]
+    out.update(generation.headline(metrics.get("generation", {})))
     return out
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from finetune_api.constants import MERGED_DIR
 from finetune_api.spec import FineTuneJobSpec
+from finetune_api.status import StatusMetric, StatusMetrics
 
 from .. import config, data, methods, models, preference, uris
 from ..errors import ConfigError, DataError
@@ -247,10 +248,10 @@ def run(ctx: RecipeContext) -> RecipeResult:
     ppo = s.spec.objective.ppo
     assert ppo is not None
     metrics["objective"] = {"type": "ppo", "trainer": "trl.GRPOTrainer", "groupSize": group_size(s.spec), **ppo.wire()}
-    summary = {"heldOutReward": metrics["tuned"]["heldOutReward"]}
+    summary: StatusMetrics = {StatusMetric.HELD_OUT_REWARD: metrics["tuned"]["heldOutReward"]}
     if "base" in metrics:
-        summary["baseHeldOutReward"] = metrics["base"]["heldOutReward"]
-    for key in ("finalKl", "lastRewards"):
+        summary[StatusMetric.BASE_HELD_OUT_REWARD] = metrics["base"]["heldOutReward"]
+    for key in (StatusMetric.FINAL_KL, StatusMetric.LAST_REWARDS):
         if metrics["rollouts"].get(key) is not None:
             summary[key] = metrics["rollouts"][key]
     metrics["summary"] = summary

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_api.spec import FineTuneJobSpec
+from finetune_api.status import StatusMetric, StatusMetrics
 
 from .. import config, methods, models, preference, uris
 from ..errors import ConfigError
@@ -136,8 +137,10 @@ def run(ctx: RecipeContext) -> RecipeResult:
     metrics["train"] = base.train_summary(trainer, train_output)
     metrics["tuned"] = evaluate(s, trainer)
     metrics["method"] = base.method_section(s.spec, trainer.model)
-    metrics["summary"] = {"rewardAccuracy": metrics["tuned"]["accuracy"], "rewardMargin": metrics["tuned"]["rewardMargin"]}
+    summary: StatusMetrics = {StatusMetric.REWARD_ACCURACY: metrics["tuned"]["accuracy"],
+                              StatusMetric.REWARD_MARGIN: metrics["tuned"]["rewardMargin"]}
     if "base" in metrics:
-        metrics["summary"]["baseRewardAccuracy"] = metrics["base"]["accuracy"]
+        summary[StatusMetric.BASE_REWARD_ACCURACY] = metrics["base"]["accuracy"]
+    metrics["summary"] = summary
     save(ctx, s, trainer)
     return RecipeResult(metrics=metrics, base_model=s.identity, model=trainer.model, tokenizer=s.tokenizer, trainer=trainer)

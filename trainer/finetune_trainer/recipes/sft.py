@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_api.spec import FineTuneJobSpec
+from finetune_api.status import StatusMetrics
 
 from .. import config, continual, data, methods, models
 from ..evaluation import generation, perplexity
@@ -112,7 +113,7 @@ def run(ctx: RecipeContext) -> RecipeResult:
     train_output = trainer.train(resume_from_checkpoint=base.resume_from(ctx, s.spec))
     if "base" in before:
         metrics["base"] = before["base"]
-    summary: dict[str, float] = {}
+    summary: StatusMetrics = {}
     if s.spec.objective.continual is not None:
         metrics["continual"] = continual.report(
             s.continual, before.get("earlier"), continual.earlier_loss(trainer, s.continual)
