@@ -226,7 +226,7 @@ def test_optional_objects_are_off_by_default_and_switchable() -> None:
     ({"rbac": {"create": "yes"}}, "create"),
     ({"metrics": {"service": {"port": 70000}}}, "port"),
     ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
-    ({"prometheusRule": {"alerts": {"jobStalled": {"for": "half an hour"}}}}, "for"),
+    ({"prometheusRule": {"alerts": {"operatorDown": {"for": "half an hour"}}}}, "for"),
     ({"watch": {"namespaces": ["Team_A"]}}, "namespaces"),
 ])
 def test_schema_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
