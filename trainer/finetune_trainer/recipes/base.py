@@ -38,6 +38,14 @@ def _checkpointing() -> Any | None:
     return checkpointing
 
 
+def peft_config(ctx: RecipeContext, tokenizer: Any, total_steps: int) -> Any | None:
+    """The method's PEFT config (None for full fine-tuning) for a run of `total_steps` steps."""
+    # Prompt-tuning init text is tokenized by PEFT from a path: hand it exactly our tokenizer.
+    tokenizer_dir = ctx.workdir / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    return methods.peft_config(ctx.spec, total_steps=total_steps, tokenizer_path=str(tokenizer_dir))
+
+
 def training_callbacks(ctx: RecipeContext, spec: FineTuneJobSpec) -> list[Any]:
     """Callbacks of every recipe's trainer: method needs, progress, metrics, checkpoint publishing."""
     out: list[Any] = [*methods.callbacks(spec)]

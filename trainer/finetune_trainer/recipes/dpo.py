@@ -23,6 +23,7 @@ from . import RecipeContext, RecipeResult, base
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Setup:
     spec: FineTuneJobSpec
@@ -40,9 +41,7 @@ def setup(ctx: RecipeContext) -> Setup:
     pairs = preference.load_preference(spec.dataset, ctx.workdir, spec.hyperparameters.seed)
     loaded = models.load_model(spec, precision, ctx.workdir)
     total = ctx.max_steps or config.total_steps_hint(spec, len(pairs.train))
-    tokenizer_dir = ctx.workdir / "tokenizer"
-    loaded.tokenizer.save_pretrained(tokenizer_dir)
-    peft_cfg = methods.peft_config(spec, total_steps=total, tokenizer_path=str(tokenizer_dir))
+    peft_cfg = base.peft_config(ctx, loaded.tokenizer, total)
     set_seed(spec.hyperparameters.seed)
     if peft_cfg is None:
         methods.apply(loaded.model, None)

@@ -134,9 +134,7 @@ def setup(ctx: RecipeContext) -> Setup:
     reward_model, reward_tokenizer = load_reward_model(spec.objective.ppo.reward_model, ctx.workdir, precision)
     loaded = models.load_model(spec, precision, ctx.workdir)
     total = ctx.max_steps or config.total_steps_hint(spec, len(train))
-    tokenizer_dir = ctx.workdir / "tokenizer"
-    loaded.tokenizer.save_pretrained(tokenizer_dir)
-    peft_cfg = methods.peft_config(spec, total_steps=total, tokenizer_path=str(tokenizer_dir))
+    peft_cfg = base.peft_config(ctx, loaded.tokenizer, total)
     set_seed(spec.hyperparameters.seed)
     if peft_cfg is None:
         methods.apply(loaded.model, None)

@@ -72,9 +72,7 @@ def setup(ctx: RecipeContext) -> Setup:
     set_seed(spec.hyperparameters.seed)  # the new head is initialised here
     model, tokenizer, identity = load_reward_base(spec, precision, ctx)
     total = ctx.max_steps or config.total_steps_hint(spec, len(pairs.train))
-    tokenizer_dir = ctx.workdir / "tokenizer"
-    tokenizer.save_pretrained(tokenizer_dir)
-    peft_cfg = methods.peft_config(spec, total_steps=total, tokenizer_path=str(tokenizer_dir))
+    peft_cfg = base.peft_config(ctx, tokenizer, total)
     if peft_cfg is not None:
         # A classification task: PEFT then trains and saves the new head (score) in full.
         peft_cfg.task_type = SEQ_CLS

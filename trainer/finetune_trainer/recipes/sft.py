@@ -43,10 +43,7 @@ def setup(ctx: RecipeContext) -> Setup:
     loaded = models.load_model(spec, precision, ctx.workdir)
     sft_data = data.prepare_sft(spec.dataset, loaded.tokenizer, ctx.workdir, spec.hyperparameters.seed)
     total = ctx.max_steps or config.total_steps_hint(spec, len(sft_data.train))
-    # Prompt-tuning init text is tokenized by PEFT from a path: hand it exactly our tokenizer.
-    tokenizer_dir = ctx.workdir / "tokenizer"
-    loaded.tokenizer.save_pretrained(tokenizer_dir)
-    peft_cfg = methods.peft_config(spec, total_steps=total, tokenizer_path=str(tokenizer_dir))
+    peft_cfg = base.peft_config(ctx, loaded.tokenizer, total)
     set_seed(spec.hyperparameters.seed)
     # objective.continual: start from the earlier artifact instead (else methods.apply).
     model = continual.start_model(spec, loaded, peft_cfg, ctx.workdir)
