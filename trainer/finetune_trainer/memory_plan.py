@@ -13,7 +13,8 @@ The estimate adds up what a training step holds at its peak on one device:
   the tensors a decoder block stores (norm inputs, q/k/v, attention output, the MLP's
   gate/up/activation/product; attention itself is fused, SDPA/flash, so no sequence x sequence
   matrix), or with gradient checkpointing only each layer's input plus one layer recomputed;
-  plus the logits and the loss's fp32 copies of them;
+  plus the logits and the loss's fp32 copies of them (for sft, TRL's tiled log-probabilities
+  instead, which never hold all the logits);
 - sharding over the data-parallel processes: ZeRO-2 splits gradients and optimizer state, ZeRO-3
   and FSDP also the weights (plus the gathered copy of the layers in flight), offload moves the
   optimizer state (and parameters) to CPU RAM;
@@ -38,6 +39,8 @@ from finetune_api.spec import LORA_FAMILY, FineTuneJobSpec
 MARGIN = 0.10
 #: The CUDA context and kernels of one process, outside the allocator's count.
 CUDA_CONTEXT_BYTES = 1 << 30
+#: TRL's chunked log-probability tiles: min(tokens, 4096) x 32768 at the compute dtype, one at a time.
+LOSS_TILE = (4096, 32768)
 #: 4-bit NF4/FP4: one fp32 absmax per 64 weights; double quantization stores it as 8 bits plus one
 #: fp32 per 256 blocks (QLoRA paper, section 3).
 QUANT_CONSTANT_BYTES = {True: 1 / 64 + 4 / (64 * 256), False: 4 / 64}
@@ -93,6 +96,7 @@ class Setup:
     lora_r: int = 16
     lora_targets: tuple[str, ...] | None = None  # None: every linear layer of the blocks
     lora_dropout: bool = True  # dropout on the LoRA path keeps a copy of each adapted input
+    adapter_bytes: float = 4.0  # PEFT keeps adapters in fp32 (the QLoRA paper's own code: bf16)
     optimizer: str = "adamw_torch"
     gradient_checkpointing: bool = False
     world_size: int = 1
@@ -104,6 +108,9 @@ class Setup:
     #: and log-softmax that transformers' cross entropy keeps (act_bytes + 8); a chunked loss
     #: keeps only the logits (act_bytes), a fused linear + cross entropy loss almost nothing (0)
     logit_bytes: float | None = None
+    #: the loss never materialises the logits: TRL's SFT computes log-probabilities from the last
+    #: hidden states in tiles of LOSS_TILE tokens x vocabulary columns (trl.kernels.chunked_logprob)
+    fused_loss: bool = False
     #: sequences per example: dpo and reward run chosen and rejected side by side
     sequences_per_example: int = 1
     #: a frozen copy of the weights (full-parameter dpo's reference model)
@@ -206,7 +213,7 @@ def estimate(setup: Setup) -> Plan:
         weights *= 2
     trainable_params = _trainable(setup)
     full = setup.method == "full"
-    param_bytes = setup.weight_bytes if full else 4.0  # PEFT adapters live in fp32
+    param_bytes = setup.weight_bytes if full else setup.adapter_bytes
     trainable = 0.0 if full else trainable_params * param_bytes
     gradients = trainable_params * param_bytes
     if setup.optimizer in OPTIMIZER_8BIT:
@@ -238,7 +245,10 @@ def estimate(setup: Setup) -> Plan:
         activations = tokens * (sh.layers * sh.hidden * setup.act_bytes + per_layer)
     else:
         activations = tokens * sh.layers * per_layer
-    logits = tokens * sh.vocab * (setup.act_bytes + 8 if setup.logit_bytes is None else setup.logit_bytes)
+    if setup.fused_loss:
+        logits = min(tokens, LOSS_TILE[0]) * LOSS_TILE[1] * setup.act_bytes
+    else:
+        logits = tokens * sh.vocab * (setup.act_bytes + 8 if setup.logit_bytes is None else setup.logit_bytes)
     return Plan(setup, weights, trainable_params, trainable, gradients, optimizer, activations, logits, gathered)
 
 
@@ -317,6 +327,7 @@ def setup_from_spec(spec: FineTuneJobSpec, shape: ModelShape, seq_len: int | Non
         offload_params=bool(ds and ds.offload_params),
         sequences_per_example=2 if spec.objective.type in ("dpo", "reward") else 1,
         reference_copy=spec.objective.type == "dpo" and m.type == "full",
+        fused_loss=spec.objective.type == "sft",
     )
 
 
