@@ -20,7 +20,7 @@ from finetune_api.spec import FineTuneJobSpec, ModelSpec
 
 from . import attention, uris
 from .config import Precision
-from .errors import ConfigError
+from .errors import ConfigError, TrainerError, TransientError, is_network_failure
 
 
 @dataclass
@@ -46,6 +46,15 @@ def _location(uri: str, workdir: Path, what: str) -> tuple[str, dict[str, Any]]:
     if _offline():
         kwargs["local_files_only"] = True
     return uris.hf_id(uri), kwargs
+
+
+def load_error(what: str, exc: OSError) -> TrainerError:
+    """A failed from_pretrained: retryable when the hub could not be reached (DNS, refused,
+    timeout), else a permanent ConfigError (no such model, not in the offline cache)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if is_network_failure(exc):
+        return TransientError(f"{what}: cannot reach the model hub (will be retried): {first}")
+    return ConfigError(f"{what}: cannot load: {exc}")
 
 
 def quantization_config(spec: ModelSpec, precision: Precision) -> Any:
@@ -87,7 +96,7 @@ def load_tokenizer(spec: ModelSpec, workdir: Path, model_path: str | None = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=spec.trust_remote_code, **kwargs)
     except OSError as exc:
-        raise ConfigError(f"tokenizer {spec.tokenizer or spec.uri}: cannot load: {exc}") from None
+        raise load_error(f"tokenizer {spec.tokenizer or spec.uri}", exc) from None
     if spec.chat_template is not None:
         tokenizer.chat_template = spec.chat_template
     if tokenizer.pad_token is None:
@@ -114,7 +123,7 @@ def load_model(spec: FineTuneJobSpec, precision: Precision, workdir: Path) -> Lo
             where, dtype=precision.dtype, trust_remote_code=m.trust_remote_code, **kwargs
         )
     except OSError as exc:
-        raise ConfigError(f"model {m.uri}: cannot load: {exc}") from None
+        raise load_error(f"model {m.uri}", exc) from None
     if spec.dataset.packing and getattr(model.config, "_attn_implementation", None) == "sdpa":
         # Padding-free packed rows: SDPA per example instead of over the whole row (attention.py).
         model.set_attn_implementation(attention.register())
