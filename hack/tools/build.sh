@@ -8,6 +8,7 @@
 #   helm                                                           (helm.sh/helm/v3)
 #   prometheus promtool                                            (github.com/prometheus/prometheus)
 #   kueue (+ its CRDs and webhook manifests in .tools/share/kueue)  (sigs.k8s.io/kueue)
+#   kube-score                                                     (github.com/zegl/kube-score)
 #
 # Versions are pinned in hack/tools/versions.env. Each group writes .tools/stamps/<group> holding what
 # it was built from (version and Go version); a group whose binaries exist and whose stamp matches
@@ -146,6 +147,17 @@ build_kueue() {
   chmod -R u+w "$share" && printf '%s\n' "$v" >"$share/VERSION"
 }
 
+# A linter of the rendered chart (tests/chart/test_chart_lint.py). kube-linter's module
+# (golang.stackrox.io/kube-linter) is not served by the Go module proxy this project builds from;
+# kube-score checks the same kind of thing (security context, probes, resources, PDBs,
+# anti-affinity, NetworkPolicies) and is.
+kubescore_bins="kube-score"
+kubescore_stamp="github.com/zegl/kube-score $KUBE_SCORE_VERSION $RECIPE"
+build_kubescore() {
+  install_at "$1" "-s -w -X main.version=${KUBE_SCORE_VERSION#v} -X main.commit=none -X main.date=none" \
+    "github.com/zegl/kube-score/cmd/kube-score@$KUBE_SCORE_VERSION"
+}
+
 # ---- driver ---------------------------------------------------------------------------------------
 up_to_date() { # <group>
   local g="$1" bins stamp b
@@ -177,7 +189,7 @@ run_group() { # <group>: builds into a scratch dir, then moves the binaries in a
 
 # Heaviest first: the control plane is the long pole; the others share the second lane.
 todo=()
-for g in k8s minio prometheus kueue etcd helm kwok; do
+for g in k8s minio prometheus kueue etcd helm kwok kubescore; do
   if up_to_date "$g"; then echo "make tools: $g is up to date"; else todo+=("$g"); fi
 done
 [[ ${#todo[@]} -eq 0 ]] && exit 0
