@@ -180,6 +180,11 @@ class KueueController:
         # so they exist before Kueue starts.
         self._install_crds(ca_bundle)
         self.cluster.apply(self._webhook_configurations(ca_bundle))
+        # The rotator waits until its Secret shows up in certDir, where a kubelet would mount it.
+        certs_dir = self.state_dir / "certs"
+        certs_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("tls.crt", "tls.key", "ca.crt"):
+            (certs_dir / name).write_bytes(certs[name])
         self._write_config()
         env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig)}
         with open(self.log_path, "ab") as log:
