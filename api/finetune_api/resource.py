@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .constants import API_VERSION, KIND, MAX_NAME_LENGTH, Phase
 from .rules import RULE_ERROR_TYPE, Rule, TransitionRule, enforce
@@ -15,6 +16,8 @@ from .spec import FineTuneJobSpec
 from .status import FineTuneJobStatus
 
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+#: The API server's limit on all of an object's annotations together (keys and values).
+MAX_ANNOTATIONS_BYTES = 256 * 1024
 
 #: Root rules: the job's name becomes the Job's, the Service's and the pods' host names.
 ROOT_RULES: tuple[Rule, ...] = (
@@ -50,6 +53,15 @@ class ObjectMeta(BaseModel):
     annotations: dict[str, str] | None = None
     generation: int | None = None
     uid: str | None = None
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations_fit(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        # The API server counts keys and values together, in bytes.
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in (value or {}).items())
+        if size > MAX_ANNOTATIONS_BYTES:
+            raise PydanticCustomError("annotations_too_long", f"Too long: may not be more than {MAX_ANNOTATIONS_BYTES} bytes")
+        return value
 
 
 class FineTuneJob(BaseModel):
@@ -161,6 +173,9 @@ def describe_error(err: Any) -> str:
         return f"{path}: Invalid value: {ctx.get('actual_length')}: {path} in body should have at least {ctx['min_length']} items"
     if kind == "too_long":
         return f"{path}: Too many: {ctx.get('actual_length')}: must have at most {ctx['max_length']} items"
+    if kind == "finite_number":
+        shown = "NaN" if value != value else ("+Inf" if value > 0 else "-Inf")
+        return f"{path}: Invalid value: unsupported value: {shown} (JSON, and so the API server, has no infinities or NaN)"
     if kind == RULE_ERROR_TYPE:
         return f'{path}: Invalid value: "object": {err["msg"]}'
     return f"{path}: {err['msg']}"

@@ -63,6 +63,9 @@ class ApiModel(BaseModel):
         extra="forbid",
         strict=True,
         validate_default=False,
+        # JSON has no infinities or NaN, so the API server never holds one; a NaN would otherwise
+        # fail a bound check with a misleading message ("should be less than or equal to 1").
+        allow_inf_nan=False,
     )
     #: Cross-field rules of this object (see rules.py); rendered into the CRD as CEL.
     rules: ClassVar[tuple[Rule, ...]] = ()

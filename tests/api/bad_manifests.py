@@ -54,6 +54,18 @@ def _spec(**sections: Any) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def _yaml_under(section: str, line: str) -> str:
+    """BASE as YAML with one raw YAML line first under a top-level section (anchors, .inf, depth:
+    what a dict cannot carry through yaml.safe_dump)."""
+    return yaml.safe_dump(BASE, sort_keys=False).replace(f"{section}:\n", f"{section}:\n  {line}\n", 1)
+
+
+#: "Billion laughs": 9 levels of 9 aliases each, a few hundred bytes that expand to 9^8 strings.
+_ALIAS_BOMB = "\n  ".join(
+    ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    + [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+)
+
 BAD_MANIFESTS: list[Bad] = [
     Bad("wrong-type-batch-size", _with("spec.hyperparameters.batchSize", "four"),
         'spec.hyperparameters.batchSize in body must be of type integer: "string"'),
@@ -138,4 +150,14 @@ BAD_MANIFESTS: list[Bad] = [
     Bad("invalid-yaml", "apiVersion: finetune.dev/v1alpha1\nkind: FineTuneJob\nspec: [unclosed\n",
         "invalid YAML: line 4", server=False),
     Bad("yaml-list", "- a\n- b\n", "expected a FineTuneJob object, got array", server=False),
+    # What the API server (or kubectl, parsing for it) refuses before or beside the schema.
+    Bad("nested-500-deep", _yaml_under("spec", "image: " + "[" * 500 + "]" * 500),
+        'spec.image: Invalid value: "array"'),
+    Bad("alias-bomb", _yaml_under("metadata", _ALIAS_BOMB), "document contains excessive aliasing"),
+    Bad("annotations-over-256k", _with("metadata.annotations", {"note": "x" * 300_000}),
+        "metadata.annotations: Too long: may not be more than 262144 bytes"),
+    Bad("annotation-of-5mb", _with("metadata.annotations", {"note": "x" * 5_000_000}),
+        "Request entity too large: limit is 3145728"),
+    Bad("infinite-max-grad-norm", _yaml_under("spec", "hyperparameters: {maxGradNorm: .inf}"), "unsupported value: +Inf"),
+    Bad("nan-learning-rate", _yaml_under("spec", "hyperparameters: {learningRate: .nan}"), "unsupported value: NaN"),
 ]
