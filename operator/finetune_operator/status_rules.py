@@ -305,6 +305,8 @@ class _Update:
             self.status.artifact = message.artifact or self.status.artifact
         self.status.last_checkpoint = message.last_checkpoint or self.status.last_checkpoint
         self.status.metrics = _merge_metrics(self.status.metrics, message.metrics)
+        # Whether the base model came from the shared cache (hit, miss, refetched).
+        self.status.model_cache = message.model_cache or self.status.model_cache
 
 
 @dataclass(frozen=True)

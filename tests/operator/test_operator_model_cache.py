@@ -76,3 +76,30 @@ def test_a_bad_size_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         parse_settings(["--model-cache-claim", "mc", "--model-cache-size", "lots"], {})
     assert "--model-cache-size: 'lots' is not a size in bytes" in capsys.readouterr().err
+
+
+def test_status_records_whether_the_model_came_from_the_cache() -> None:
+    """The trainer's termination message says hit/miss/refetched; status.modelCache keeps it."""
+    import json
+    from datetime import UTC, datetime
+
+    from finetune_operator.status_rules import Observed, compute_status
+
+    def finished(model_cache: str | None) -> Any:
+        msg = {"outcome": "succeeded", "artifact": {"uri": "s3://out/r", "sha256": "ab" * 32, "sizeBytes": 1},
+               **({"modelCache": model_cache} if model_cache else {})}
+        job = {"metadata": {"name": "tune"}, "spec": {"suspend": False},
+               "status": {"startTime": "2030-01-01T12:00:00Z", "active": 0, "failed": 0,
+                          "conditions": [{"type": "Complete", "status": "True", "reason": "CompletionsReached",
+                                          "message": "", "lastTransitionTime": "2030-01-01T12:10:00Z"}]}}
+        pod = {"metadata": {"name": "p0", "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+                            "creationTimestamp": "2030-01-01T12:00:00Z"},
+               "status": {"phase": "Succeeded", "conditions": [], "containerStatuses": [{"name": "trainer", "state": {
+                   "terminated": {"exitCode": 0, "finishedAt": "2030-01-01T12:05:00Z", "message": json.dumps(msg)}}}]}}
+        spec = parse_spec(job_manifest("tune")["spec"])
+        return compute_status("tune", spec, None, Observed(1, job, (pod,), None,
+                                                           now=datetime(2030, 1, 1, 12, 11, tzinfo=UTC)))
+
+    assert finished("hit").model_cache == "hit"
+    assert finished("refetched").wire()["modelCache"] == "refetched"
+    assert finished(None).model_cache is None and "modelCache" not in finished(None).wire()
