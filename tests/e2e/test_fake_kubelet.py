@@ -123,17 +123,22 @@ def test_fake_kubelet_stops_a_deleted_pod_like_a_kubelet(
         cluster.apply(manifest, namespace=namespace)
         (pod_name,) = wait_until(lambda: [n for n, p in kubelet.logs.items()
                                           if "running" in p.read_text()], 120, "the pod's process to run")
-        # The kubelet reports the terminal status, then removes the pod: watch for it meanwhile.
+        # The kubelet reports the terminal status, then removes the pod: a watch sees every version.
+        from kubernetes import client, watch
+
         seen: dict[str, Any] = {}
-        stop = threading.Event()
+        stream = watch.Watch()
 
         def poll() -> None:
-            while not stop.is_set() and not seen:
-                code_, pod = cluster.api_get(f"/api/v1/namespaces/{namespace}/pods/{pod_name}")
-                for cs in ((pod.get("status") or {}).get("containerStatuses") or []) if code_ == 200 else []:
-                    if "terminated" in cs.get("state", {}):
-                        seen.update(phase=pod["status"]["phase"], **cs["state"]["terminated"])
-                time.sleep(0.05)
+            for event in stream.stream(client.CoreV1Api(k8s_client).list_namespaced_pod, namespace,
+                                       field_selector=f"metadata.name={pod_name}", timeout_seconds=90):
+                pod = event["object"]
+                for cs in pod.status.container_statuses or []:
+                    if cs.state and cs.state.terminated and not seen:
+                        t = cs.state.terminated
+                        seen.update(phase=pod.status.phase, exitCode=t.exit_code, message=t.message)
+                if event["type"] == "DELETED":
+                    return
 
         watcher = threading.Thread(target=poll, daemon=True)
         watcher.start()
@@ -148,6 +153,6 @@ def test_fake_kubelet_stops_a_deleted_pod_like_a_kubelet(
             assert elapsed < grace, f"a process that exits on SIGTERM was not let go before SIGKILL ({elapsed:.1f} s)"
         wait_until(lambda: not cluster.kubectl("get", "pod", pod_name, "-n", namespace, "--ignore-not-found",
                                                "-o", "name").stdout.strip(), 30, "the pod object to be removed")
-        stop.set()
-        watcher.join(5)
+        watcher.join(30)
+        stream.stop()
         assert (seen.get("phase"), seen.get("exitCode"), seen.get("message")) == ("Failed", code, "got SIGTERM"), seen
