@@ -506,7 +506,8 @@ def main(argv: list[str]) -> int:
     warm.add_argument("uris", nargs="+", metavar="URI")
     warm.add_argument("--dir", help=f"Cache root (default ${Env.CACHE_DIR}).")
     warm.add_argument("--max-bytes", help=f"Size budget, e.g. 500Gi (default ${Env.CACHE_MAX_BYTES}).")
-    sub.add_parser("usage", help="Print the entries (least recently used first) and the total size.")
+    usage = sub.add_parser("usage", help="Print the entries (least recently used first) and the total size.")
+    usage.add_argument("--dir", help=f"Cache root (default ${Env.CACHE_DIR}).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "dir", None):
