@@ -55,9 +55,11 @@ FTJ = f"{c.PLURAL}.{c.GROUP}"
 
 
 @pytest.fixture
-def operator(cluster: TestCluster, namespace: str, tmp_path: Path, prometheus: PrometheusServer
-             ) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster, namespace, tmp_path, "--stall-timeout", str(STALL_TIMEOUT)).start()
+def operator(cluster: TestCluster, namespace: str, tmp_path: Path, prometheus: PrometheusServer,
+             request: pytest.FixtureRequest) -> Iterator[OperatorProcess]:
+    """The operator, scraped by Prometheus; its stall timeout is STALL_TIMEOUT unless parametrized."""
+    stall = getattr(request, "param", STALL_TIMEOUT)
+    op = OperatorProcess(cluster, namespace, tmp_path, "--stall-timeout", str(stall)).start()
     prometheus.set_targets(OPERATOR_JOB, [operator_target(op.metrics_port)])
     try:
         yield op
@@ -192,6 +194,8 @@ def training_inputs(minio_env: dict[str, str], tiny_model_dir: Path, toy_data_di
     return {"model": model, "data": data}
 
 
+# A real trainer loads for longer than STALL_TIMEOUT before its first step: no stall restarts here.
+@pytest.mark.parametrize("operator", [600], indirect=True)
 def test_every_dashboard_panel_shows_data_from_a_real_training_run(
     cluster: TestCluster, namespace: str, k8s_client: Any, prometheus: PrometheusServer, operator: OperatorProcess,
     training_inputs: dict[str, str], minio_env: dict[str, str], tmp_path: Path
