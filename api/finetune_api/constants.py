@@ -70,6 +70,8 @@ class Reason:
     ADMITTED: Final = "Admitted"
     # A child (ConfigMap, Service, Job) was missing, deleted by hand, and the operator made it again.
     RECREATED: Final = "Recreated"
+    # A damaged entry of the shared model cache was discarded and the model downloaded again.
+    MODEL_CACHE_REFETCHED: Final = "ModelCacheRefetched"
     # An accepted spec edit: applied (to the Job, the watchdog or the spec ConfigMap), waiting for
     # the trainer pods to stop, or not applied (an immutable field changed where the CRD lacks its rules).
     SPEC_APPLIED: Final = "SpecApplied"

@@ -569,6 +569,9 @@ def milestones(prev: FineTuneJobStatus | None, new: FineTuneJobStatus) -> list[M
         out.append(Milestone("Warning", Reason.RESTARTED, f"restart {new.restarts}: {new.last_restart_reason or ''}"))
     if (cond := became(ConditionType.STALLED)) is not None:
         out.append(Milestone("Warning", Reason.STALLED, cond.message))
+    if new.model_cache == "refetched" and (prev is None or prev.model_cache != "refetched"):
+        out.append(Milestone("Warning", Reason.MODEL_CACHE_REFETCHED,
+                             "the shared model cache held a damaged copy of the base model: discarded and downloaded again"))
     if (cond := became(ConditionType.SUCCEEDED)) is not None:
         out.append(Milestone("Normal", Reason.SUCCEEDED, cond.message))
     if (cond := became(ConditionType.FAILED)) is not None:

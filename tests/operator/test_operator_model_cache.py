@@ -103,3 +103,11 @@ def test_status_records_whether_the_model_came_from_the_cache() -> None:
     assert finished("hit").model_cache == "hit"
     assert finished("refetched").wire()["modelCache"] == "refetched"
     assert finished(None).model_cache is None and "modelCache" not in finished(None).wire()
+    # A damaged entry, discarded and refetched, is a Warning event on the FineTuneJob (once).
+    from finetune_operator.status_rules import milestones
+
+    events = [m for m in milestones(None, finished("refetched")) if m.reason == c.Reason.MODEL_CACHE_REFETCHED]
+    assert len(events) == 1 and events[0].type == "Warning" and "damaged" in events[0].message
+    assert not [m for m in milestones(finished("refetched"), finished("refetched"))
+                if m.reason == c.Reason.MODEL_CACHE_REFETCHED]
+    assert not [m for m in milestones(None, finished("hit")) if m.reason == c.Reason.MODEL_CACHE_REFETCHED]
