@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import constants as c
-from .resource import ROOT_RULES, ROOT_TRANSITION_RULES
+from .resource import ROOT_TRANSITION_RULES, FineTuneJob
 from .rules import x_validations
 from .spec import ApiModel, FineTuneJobSpec
 from .status import FineTuneJobStatus
@@ -170,7 +170,7 @@ def build_crd() -> dict[str, Any]:
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": x_validations((*ROOT_RULES, *ROOT_TRANSITION_RULES)),
+        "x-kubernetes-validations": x_validations((*FineTuneJob.rules, *ROOT_TRANSITION_RULES)),
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

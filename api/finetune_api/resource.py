@@ -7,7 +7,15 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from .constants import API_VERSION, KIND, MAX_NAME_LENGTH, Phase
@@ -29,6 +37,20 @@ ROOT_RULES: tuple[Rule, ...] = (
     ),
 )
 
+#: Outputs that outlive the trainer's pod: object storage, or a PersistentVolumeClaim.
+CLUSTER_OUTPUT_SCHEMES = ("s3://", "pvc://")
+#: Validation context key: the manifest runs on this machine (`finetune run`), not on the cluster.
+LOCAL_RUN = "localRun"
+
+#: Rules for a job that runs on the cluster; `finetune run` (LOCAL_RUN) skips them.
+CLUSTER_RULES: tuple[Rule, ...] = (
+    Rule(
+        " || ".join(f"self.spec.output.uri.startsWith('{s}')" for s in CLUSTER_OUTPUT_SCHEMES),
+        "spec.output.uri must be s3:// or pvc:// for a job on the cluster: a file:// or local path would be "
+        "written inside the trainer's pod and deleted with it (local outputs are for finetune run)",
+        lambda o: o.spec.output.uri.startswith(CLUSTER_OUTPUT_SCHEMES),
+    ),
+)
 
 _TERMINAL = ", ".join(f"'{p}'" for p in Phase.TERMINAL)
 #: Updates the API server refuses (see rules.TransitionRule).
@@ -68,7 +90,7 @@ class FineTuneJob(BaseModel):
     """A FineTuneJob manifest or object."""
 
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
-    rules: ClassVar[tuple[Rule, ...]] = ROOT_RULES
+    rules: ClassVar[tuple[Rule, ...]] = (*ROOT_RULES, *CLUSTER_RULES)
 
     api_version: Literal["finetune.dev/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["FineTuneJob"]
@@ -77,8 +99,9 @@ class FineTuneJob(BaseModel):
     status: FineTuneJobStatus | None = None
 
     @model_validator(mode="after")
-    def _enforce_rules(self) -> FineTuneJob:
-        enforce(self.rules, self)
+    def _enforce_rules(self, info: ValidationInfo) -> FineTuneJob:
+        local = bool(info.context and info.context.get(LOCAL_RUN))
+        enforce(ROOT_RULES if local else self.rules, self)
         return self
 
 
@@ -191,8 +214,12 @@ class ManifestError(Exception):
         return "\n".join(self.lines)
 
 
-def parse_job(doc: Any) -> FineTuneJob:
-    """Validate one decoded manifest (a dict) as a FineTuneJob, or raise ManifestError."""
+def parse_job(doc: Any, *, local_run: bool = False) -> FineTuneJob:
+    """Validate one decoded manifest (a dict) as a FineTuneJob, or raise ManifestError.
+
+    local_run: for `finetune run` on this machine, where a local output path is fine (CLUSTER_RULES
+    are skipped); otherwise the job is judged as the API server judges it.
+    """
     if doc is None:
         raise ManifestError(["<root>: empty document: expected a FineTuneJob"])
     if not isinstance(doc, dict):
@@ -203,7 +230,7 @@ def parse_job(doc: Any) -> FineTuneJob:
              f"(want apiVersion {API_VERSION!r}, kind {KIND!r})"]
         )
     try:
-        return FineTuneJob.model_validate(doc)
+        return FineTuneJob.model_validate(doc, context={LOCAL_RUN: local_run})
     except ValidationError as exc:
         raise ManifestError([describe_error(e) for e in exc.errors()]) from None
 

@@ -25,7 +25,7 @@ PLUGINS = {
 def cmd_validate(args: argparse.Namespace) -> int:
     bad = 0
     for name in args.files:
-        for checked in check_file(Path(name)):
+        for checked in check_file(Path(name), local_run=args.local):
             if checked.job is not None:
                 if not args.quiet:
                     print(f"{checked.where}: ok (FineTuneJob {checked.job.metadata.name}, "
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="Check FineTuneJob manifests; one line per error, exit 1 if any.")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="Print only errors.")
+    p.add_argument("--local", action="store_true",
+                   help="Check for `finetune run` on this machine (a local output path is fine there; "
+                        "on the cluster the output must be s3:// or pvc://).")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("crd", help="Print the CustomResourceDefinition generated from the API model.")

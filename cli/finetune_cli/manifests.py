@@ -174,7 +174,8 @@ def load_documents(path: Path) -> list[Any]:
     return docs
 
 
-def check_file(path: Path) -> list[Checked]:
+def check_file(path: Path, *, local_run: bool = False) -> list[Checked]:
+    """Every document of a file, judged as the API server judges it (local_run: for `finetune run`)."""
     try:
         docs = load_documents(path)
     except ManifestError as exc:
@@ -184,15 +185,15 @@ def check_file(path: Path) -> list[Checked]:
         where = str(path) if len(docs) == 1 else f"{path}[{i}]"
         try:
             check_values(doc)
-            out.append(Checked(where, parse_job(doc), []))
+            out.append(Checked(where, parse_job(doc, local_run=local_run), []))
         except ManifestError as exc:
             out.append(Checked(where, None, exc.lines))
     return out
 
 
-def load_job(path: Path) -> FineTuneJob:
+def load_job(path: Path, *, local_run: bool = False) -> FineTuneJob:
     """Exactly one valid FineTuneJob from a file, or ManifestError naming the file."""
-    checked = check_file(path)
+    checked = check_file(path, local_run=local_run)
     if len(checked) != 1:
         raise ManifestError([f"{path}: expected one FineTuneJob, found {len(checked)} documents"])
     if checked[0].job is None:

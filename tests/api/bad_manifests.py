@@ -159,5 +159,9 @@ BAD_MANIFESTS: list[Bad] = [
     Bad("annotation-of-5mb", _with("metadata.annotations", {"note": "x" * 5_000_000}),
         "Request entity too large: limit is 3145728"),
     Bad("infinite-max-grad-norm", _yaml_under("spec", "hyperparameters: {maxGradNorm: .inf}"), "unsupported value: +Inf"),
+    Bad("file-output-on-cluster", _with("spec.output.uri", "file:///tmp/out"),
+        "spec.output.uri must be s3:// or pvc:// for a job on the cluster"),
+    Bad("local-path-output-on-cluster", _with("spec.output.uri", "./runs/out"),
+        "spec.output.uri must be s3:// or pvc:// for a job on the cluster"),
     Bad("nan-learning-rate", _yaml_under("spec", "hyperparameters: {learningRate: .nan}"), "unsupported value: NaN"),
 ]

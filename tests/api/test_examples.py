@@ -15,12 +15,15 @@ from finetune_cli.main import main
 from finetune_cli.manifests import load_documents
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+#: Manifests for `finetune run` on this machine: their output is a local path, which a job on the
+#: cluster may not have (`finetune validate --local` checks them).
+LOCAL_EXAMPLES = {"quickstart"}
 REQUIRED = {"full", "lora", "qlora", "dora", "adalora", "ia3", "prefix", "prompt", "ptuning",
             "dpo", "reward", "ppo", "continual"}
 
 
 def test_an_example_per_method_and_objective() -> None:
-    jobs = [parse_job(load_documents(p)[0]) for p in EXAMPLES]
+    jobs = [parse_job(load_documents(p)[0], local_run=p.stem in LOCAL_EXAMPLES) for p in EXAMPLES]
     methods = {j.spec.method.type for j in jobs}
     objectives = {j.spec.objective.type for j in jobs}
     continual = any(j.spec.objective.continual for j in jobs)
@@ -30,7 +33,14 @@ def test_an_example_per_method_and_objective() -> None:
 
 
 def test_validate_accepts_every_example(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["validate", *map(str, EXAMPLES)]) == 0, capsys.readouterr().err
+    local = [p for p in EXAMPLES if p.stem in LOCAL_EXAMPLES]
+    assert len(local) == len(LOCAL_EXAMPLES)
+    assert main(["validate", *(str(p) for p in EXAMPLES if p not in local)]) == 0, capsys.readouterr().err
+    assert main(["validate", "--local", *map(str, local)]) == 0, capsys.readouterr().err
+    # And only those: they are refused as cluster jobs.
+    capsys.readouterr()
+    assert main(["validate", *map(str, local)]) == 1
+    assert "spec.output.uri must be s3:// or pvc://" in capsys.readouterr().err
 
 
 def _leaves(doc: Any, schema: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any, dict[str, Any]]]:

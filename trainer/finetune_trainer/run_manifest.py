@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
     from finetune_cli.manifests import load_job
 
     try:
-        job = load_job(Path(args.file))
+        job = load_job(Path(args.file), local_run=True)  # local outputs are fine on this machine
     except ManifestError as exc:
         print(str(exc), file=sys.stderr)
         return ExitCode.PERMANENT
