@@ -39,7 +39,7 @@ def preflight(tmp_path: Path, spec: dict[str, Any], capsys: pytest.CaptureFixtur
 def test_good_data_reports_everything_and_passes(make_spec: Callable[..., dict[str, Any]], tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     spec = make_spec(tmp_path / "out", resources={"gpusPerNode": 1})
-    code, out, summary = preflight(tmp_path, spec, capsys, "--gpu-memory", "40Gi")
+    code, out, summary = preflight(tmp_path, spec, capsys, "--gpu-memory", "80Gi")
     assert code == ExitCode.SUCCESS, out
     assert "rows: 48\n" in out and "tokens per example: p50 " in out
     assert "cut at maxSeqLength: 0.0% (0 of 48)" in out
@@ -47,7 +47,7 @@ def test_good_data_reports_everything_and_passes(make_spec: Callable[..., dict[s
     assert "in the labels: yes" in out
     # The prompt is outside the marks, the completion and its EOS inside.
     assert "What color is the apple?[[ The apple is red.<|endoftext|>]]" in out
-    assert "memory plan:" in out and "GPU 80.0 GiB: fits; largest batch size that fits: " in out
+    assert "memory plan:" in out and "GPU 80.0 GiB: fits; largest batch size that fits: " in out, out
     assert "preflight: ok" in out and "warning:" not in out
     assert summary["ok"] and summary["rows"] == 48 and summary["truncatedShare"] == 0
     assert summary["tokens"] > 48 and summary["memoryPerGpuBytes"] > 0 and summary["largestBatch"] > 8

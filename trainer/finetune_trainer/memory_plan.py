@@ -63,7 +63,8 @@ def parse_bytes(quantity: str) -> int:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    """A size for people: GiB with one decimal, MiB below 1 GiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 @dataclass(frozen=True)
@@ -154,16 +155,18 @@ class Plan:
                 hi = mid - 1
         return lo
 
-    def lines(self) -> list[str]:
+    def lines(self, device: str = "GPU") -> list[str]:
         s = self.setup
+        own = f"adapters {gib(self.trainable)}, " if self.trainable else ""
         return [
-            f"weights {gib(self.weights)}, trainable parameters {self.trainable_params:,} "
-            f"({gib(self.trainable)} + gradients {gib(self.gradients)} + optimizer {gib(self.optimizer)}), "
-            f"activations {gib(self.activations)} + logits {gib(self.logits)} for batch {s.batch_size} x "
+            f"weights {gib(self.weights)}; {self.trainable_params:,} trainable parameters: {own}gradients "
+            f"{gib(self.gradients)}, optimizer {gib(self.optimizer)}",
+            f"activations {gib(self.activations)} and loss {gib(self.logits)} for batch {s.batch_size} x "
             f"{s.seq_len} tokens{' with gradient checkpointing' if s.gradient_checkpointing else ''}"
-            + (f", gathered layers {gib(self.gathered)}" if self.gathered else ""),
-            f"peak {gib(self.peak_bytes)} per GPU; with the {MARGIN:.0%} margin and the CUDA context "
-            f"{gib(self.required_bytes)}"
+            + (f"; gathered layers {gib(self.gathered)}" if self.gathered else ""),
+            f"peak {gib(self.peak_bytes)} per {device}; with the {MARGIN:.0%} margin"
+            + (f" and the CUDA context {gib(self.required_bytes)}" if device == "GPU" else
+               f" {gib(self.peak_bytes * (1 + MARGIN))}")
             + (f" (sharded over {s.world_size} GPUs, {s.strategy}"
                + (f" ZeRO-{s.zero_stage}" if s.strategy == "deepspeed" else "") + ")" if s.world_size > 1 else ""),
         ]

@@ -54,6 +54,7 @@ class Report:
     example: str = ""
     plan: memory_plan.Plan | None = None
     gpu_memory: int | None = None
+    on_gpu: bool = True
     largest_batch: int | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -86,7 +87,7 @@ class Report:
             "truncatedShare": round(self.truncated_share, 4),
             "noLossShare": round(self.no_loss_share, 4),
         }
-        if self.plan is not None:
+        if self.plan is not None and self.on_gpu:
             out["memoryPerGpuBytes"] = int(self.plan.required_bytes)
         if self.largest_batch is not None:
             out["largestBatch"] = self.largest_batch
@@ -112,8 +113,9 @@ class Report:
             out.append(f"  example (the loss-carrying part between {LOSS_OPEN} and {LOSS_CLOSE}):")
             out.extend("    " + line for line in self.example.splitlines())
         if self.plan is not None:
-            out.append("memory plan:")
-            out.extend("  " + line for line in self.plan.lines())
+            on_gpu = self.on_gpu
+            out.append("memory plan:" if on_gpu else "memory plan (resources.gpusPerNode 0: one CPU process, fp32):")
+            out.extend("  " + line for line in self.plan.lines("GPU" if on_gpu else "process"))
             if self.gpu_memory is not None:
                 fits = self.plan.fits(self.gpu_memory)
                 out.append(f"  GPU {memory_plan.gib(self.gpu_memory)}: {'fits' if fits else 'does NOT fit'}; "
@@ -275,7 +277,10 @@ def run(spec: FineTuneJobSpec, workdir: Path, *, gpu_memory: int | None = None,
     longest = max(report.lengths, default=ds.max_seq_length)
     seq_len = ds.max_seq_length if (ds.packing or report.sampled) else min(longest, ds.max_seq_length)
     report.plan = plan_for(spec, config, seq_len)
-    if gpu_memory is not None and spec.resources.gpus_per_node > 0:
+    report.on_gpu = spec.resources.gpus_per_node > 0
+    if gpu_memory is not None and not report.on_gpu:
+        report.warnings.append("--gpu-memory ignored: the spec runs on CPU (resources.gpusPerNode 0)")
+    elif gpu_memory is not None:
         report.gpu_memory = gpu_memory
         report.largest_batch = report.plan.largest_batch(gpu_memory)
         if not report.plan.fits(gpu_memory):
@@ -321,7 +326,7 @@ def main(argv: list[str]) -> int:
     from finetune_cli.manifests import load_job
 
     try:
-        job = load_job(Path(args.file))
+        job = load_job(Path(args.file), local_run=True)  # local data and output paths are fine here
     except ManifestError as exc:
         print(str(exc), file=sys.stderr)
         return ExitCode.PERMANENT
