@@ -154,14 +154,14 @@ the operator turns Kopf's namespace and CRD scanning off. */}}
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# The spec mounted into the pods.
+# The spec mounted into the pods: watched (one deleted by hand is made again), patched after spec edits.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create"]
-# The headless rendezvous Service.
+  verbs: ["get", "list", "watch", "create", "patch"]
+# The headless rendezvous Service: watched like the ConfigMap; its selector follows the Job's uid.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "create"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Trainer pods: watched for progress and exit.
 - apiGroups: [""]
   resources: ["pods"]
