@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_api.constants import Phase, Reason
+from finetune_api.constants import CREDENTIALS_MOUNT_DIR, Env, Phase, Reason, StorageEnv
 from finetune_trainer import storage
 from harness.cluster import STAGE_KWOK_SKIP, free_port, wait_until
 from harness.kubelet import FakeKubelet
@@ -185,3 +185,38 @@ def test_wrong_credentials_fail_the_job_once_naming_the_uri(
     assert failed["reason"] in (Reason.PERMANENT_ERROR, Reason.STORAGE_ERROR), failed
     seen = everything_visible(cluster, namespace, operator_process, kubelet)
     assert wrong not in seen and minio_env["AWS_SECRET_ACCESS_KEY"] not in seen
+
+
+def test_credentials_mounted_as_files_reach_the_trainer(
+    cluster: Any,
+    namespace: str,
+    k8s_client: Any,
+    minio_env: dict[str, str],
+    bucket_with_inputs: str,
+    tmp_path: Path,
+) -> None:
+    """`finetune operator --credentials-as-files` (chart trainerPods.credentialsAsFiles): the Secret
+    is a read-only volume, the pod's environment has no credential, and the trainer (whose
+    environment the fake kubelet builds from the pod alone) reaches MinIO with the files."""
+    op = OperatorProcess(cluster, namespace, tmp_path, "--credentials-as-files").start(wait_ready=False)
+    try:
+        wait_until(op.ready, 180, f"the operator to be ready (log: {op.log_path})")
+        cluster.apply(secret(minio_env), namespace=namespace)
+        obj, kubelet = run_quickstart(cluster, namespace, k8s_client, tmp_path)
+        status = obj["status"]
+        logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in kubelet.logs.values())
+        assert status["phase"] == Phase.SUCCEEDED, f"{json.dumps(status, indent=1)}\n{logs}\n{op.log_tail()}"
+        assert storage.verify(example()["spec"]["output"]["uri"]).files
+
+        (pod,) = cluster.get_json("pods", "-n", namespace)["items"]
+        (container,) = pod["spec"]["containers"]
+        assert not any(e.get("valueFrom", {}).get("secretKeyRef") for e in container["env"])
+        assert not {e["name"] for e in container["env"]} & set(StorageEnv.ALL)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env[Env.CREDENTIALS_DIR] == CREDENTIALS_MOUNT_DIR
+        (volume,) = [v for v in pod["spec"]["volumes"] if "secret" in v]
+        assert volume["secret"]["secretName"] == example()["spec"]["output"]["credentialsSecret"]["name"]
+        seen = everything_visible(cluster, namespace, op, kubelet)
+        assert minio_env["AWS_SECRET_ACCESS_KEY"] not in seen
+    finally:
+        op.stop()
