@@ -261,8 +261,12 @@ def test_every_dashboard_panel_shows_data_from_a_real_training_run(
         trainer_samples = at_time(f'scrape_samples_scraped{{job="{TRAINER_JOB}", {sel}}}')
         operator_samples = at_time(f'scrape_samples_scraped{{job="{OPERATOR_JOB}"}}')
         assert [float(s["value"][1]) for s in trainer_samples] == [TRAINER_SERIES], trainer_samples
+        # What Prometheus stores per trainer pod: those, plus its 5 per-target series (up, scrape_*).
+        stored = at_time(f'count({{job="{TRAINER_JOB}", {sel}}})')
+        assert [float(s["value"][1]) for s in stored] == [TRAINER_SERIES + 5], stored
         # One job adds nothing to the operator's series but at most a reconcile error kind (2 samples).
         (op_n,) = [float(s["value"][1]) for s in operator_samples]
         assert OPERATOR_IDLE_SERIES <= op_n <= OPERATOR_IDLE_SERIES + 2, op_n
-        print(f"series: trainer pod {TRAINER_SERIES}, operator {op_n:.0f} (idle {OPERATOR_IDLE_SERIES})")
+        print(f"series: trainer pod {TRAINER_SERIES} (+5 per target in Prometheus), operator {op_n:.0f} "
+              f"(idle {OPERATOR_IDLE_SERIES})")
         cluster.kubectl("delete", FTJ, "dash", "-n", namespace, "--wait=false")
