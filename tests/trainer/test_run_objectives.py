@@ -15,6 +15,7 @@ import pytest
 import yaml
 from finetune_api.constants import API_VERSION, KIND, MANIFEST_FILE, ExitCode
 from finetune_cli.main import main as finetune
+from harness.snippets import load_snippet, run_snippet
 
 HP = {"batchSize": 8, "scheduler": "constant", "warmupRatio": 0.0, "seed": 7}
 LORA = {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
@@ -26,23 +27,6 @@ def run_manifest(tmp: Path, name: str, spec: dict[str, Any], capsys: pytest.Capt
     code = finetune(["run", str(path), "--no-progress", "--metrics-port", "0"])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def load_snippet(printed: str) -> str:
-    """The code lines under "load it with:", as a user would copy them."""
-    lines = printed.split("load it with:\n", 1)[1].splitlines()
-    code = [ln.strip() for ln in lines if ln.startswith("    ")]
-    return "\n".join(ln for ln in code if ln and not ln.startswith("#"))
-
-
-def run_snippet(snippet: str, check: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
-    """Execute the printed snippet in a fresh interpreter, then `check` (which prints something)."""
-    import os
-
-    proc = subprocess.run([sys.executable, "-c", f"{snippet}\n{check}"], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})}, cwd=cwd)
-    assert proc.returncode == 0, f"printed snippet failed:\n{snippet}\n{proc.stderr[-3000:]}"
-    return proc.stdout
 
 
 def number(printed: str, label: str) -> list[float]:
