@@ -70,7 +70,7 @@ def operator(cluster: TestCluster, namespace: str, tmp_path: Path, prometheus: P
 
 def manifest(name: str, namespace: str, annotations: dict[str, str], labels: dict[str, str] | None = None,
              **spec: Any) -> dict[str, Any]:
-    m = job_manifest(name, namespace, **spec)
+    m: dict[str, Any] = job_manifest(name, namespace, **spec)
     m["metadata"]["annotations"] = annotations
     if labels:
         m["metadata"]["labels"] = labels
@@ -249,7 +249,9 @@ def test_every_dashboard_panel_shows_data_from_a_real_training_run(
         # The variables' label_values() queries offer this namespace and job.
         for var in board["templating"]["list"]:
             if var["type"] == "query":
-                selector, label = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", var["query"]["query"]).groups()
+                parsed = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", var["query"]["query"])
+                assert parsed is not None, var["query"]
+                selector, label = parsed.groups()
                 offered = {r["metric"].get(label) for r in at_time(fill(selector, namespace, "dash"))}
                 assert (namespace if label == "namespace" else "dash") in offered, (var["name"], offered)
         print("dashboard panel values during the run:", json.dumps(results))
