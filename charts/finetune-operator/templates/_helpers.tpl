@@ -113,6 +113,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .credentialsAsFiles }}
 - --credentials-as-files
 {{- end }}
+{{- if .networkPolicy.enabled }}
+- --trainer-network-policy
+{{- end }}
 {{- end }}
 {{- range .Values.operator.extraArgs }}
 - {{ . | quote }}
@@ -178,6 +181,12 @@ the operator turns Kopf's namespace and CRD scanning off. */}}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.trainerPods.networkPolicy.enabled }}
+# One NetworkPolicy per job: its ranks may connect to each other (deleted by owner GC).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create"]
+{{- end }}
 {{- if .Capabilities.APIVersions.Has "kueue.x-k8s.io/v1beta2" }}
 # Kueue's Workloads (jobs with spec.queueName): why a job waits, read from their status. Only where
 # the cluster serves Kueue's API (helm template: --api-versions kueue.x-k8s.io/v1beta2).
@@ -187,13 +196,7 @@ the operator turns Kopf's namespace and CRD scanning off. */}}
 {{- end }}
 {{- end }}
 
-{{/* PromQL of the alerts (prometheusrule.yaml). */}}
-{{- define "finetune-operator.promql.jobFailed" -}}
-sum(finetune_operator_jobs{phase="Failed"}) > sum(finetune_operator_jobs{phase="Failed"} offset 10m)
-{{- end }}
-{{- define "finetune-operator.promql.jobStalled" -}}
-changes(finetune_trainer_step[{{ .Values.prometheusRule.alerts.jobStalled.for }}]) == 0 and finetune_trainer_step < finetune_trainer_total_steps
-{{- end }}
+{{/* PromQL of the alerts (prometheusrule.yaml; the failure and stall alerts are in _alerts.tpl). */}}
 {{- define "finetune-operator.promql.restartsClimbing" -}}
 sum by (reason) (increase(finetune_operator_workload_restarts_total[{{ .Values.prometheusRule.alerts.restartsClimbing.window }}])) >= {{ .Values.prometheusRule.alerts.restartsClimbing.threshold }}
 {{- end }}
