@@ -136,6 +136,8 @@ class PodDefaults:
     scratch_size: str = "200Gi"
     # Mount the credentials Secret as files (Env.CREDENTIALS_DIR) instead of environment variables.
     credentials_as_files: bool = False
+    # A NetworkPolicy per job (build_network_policy): its pods accept connections from each other only.
+    network_policy: bool = False
     # The shared model cache (None: off, every job downloads into its own /scratch).
     model_cache: ModelCache | None = None
 
@@ -238,6 +240,25 @@ def service_selector(owner: Owner, job_uid: str | None) -> dict[str, str]:
     """The rendezvous Service selects the pods of this FineTuneJob's Job only: by the uid label the
     Job controller puts on them, not by our labels, which any pod in the namespace can carry."""
     return {**selector_labels(owner), **({JOB_CONTROLLER_UID_LABEL: job_uid} if job_uid else {})}
+
+
+def network_policy_name(owner_name: str) -> str:
+    return f"{owner_name}-ranks"
+
+
+def build_network_policy(owner: Owner, job_uid: str) -> dict[str, Any]:
+    """The job's trainer pods accept connections from each other only, on any port: the rendezvous
+    port, and NCCL/Gloo, which open connections between ranks on ports picked at run time. Selected
+    by the uid label the Job controller sets (service_selector), so no other pod, another job's
+    or a hand-made one with our labels, is a peer. Policies add up: the chart's namespace policy
+    lets the operator and Prometheus reach the metrics port."""
+    pods = {"matchLabels": service_selector(owner, job_uid)}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(owner, network_policy_name(owner.name), COMPONENT_TRAINER),
+        "spec": {"podSelector": pods, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": pods}]}]},
+    }
 
 
 def build_service(owner: Owner, job_uid: str | None = None) -> dict[str, Any]:

@@ -419,6 +419,9 @@ class Controller:
         job, made_job = self.kube.ensure(wanted.job, read_first=read_first)
         service_body = builders.build_service(builders.Owner.from_body(body), job["metadata"]["uid"])
         service, made_svc = self.kube.ensure(service_body, read_first=read_first)
+        if self.options.pod_defaults.network_policy:
+            self.kube.ensure(builders.build_network_policy(builders.Owner.from_body(body), job["metadata"]["uid"]),
+                             read_first=read_first)
         for kind, child, made in (("ConfigMap", config_map, made_cm), ("Job", job, made_job),
                                   ("Service", service, made_svc)):
             self.cache.put_child(kind, child)

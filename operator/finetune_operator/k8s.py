@@ -108,6 +108,10 @@ class Kube:
         if kind == "Job":
             return _ChildCalls(self.batch.create_namespaced_job, self.batch.read_namespaced_job,
                                self.batch.patch_namespaced_job)
+        if kind == "NetworkPolicy":
+            net = kubernetes.client.NetworkingV1Api(self.client)
+            return _ChildCalls(net.create_namespaced_network_policy, net.read_namespaced_network_policy,
+                               net.patch_namespaced_network_policy)
         raise ValueError(f"unsupported kind {kind}")
 
     def _create(self, obj: dict[str, Any]) -> Any:

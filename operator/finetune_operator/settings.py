@@ -154,6 +154,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     ):
         pods.add_argument(f"--trainer-{flag}", type=_quantity,
                           default=_env(env, "TRAINER_" + flag.upper().replace("-", "_"), default), help=what)
+    pods.add_argument("--trainer-network-policy", action="store_true",
+                      default=_env(env, "TRAINER_NETWORK_POLICY", "") in ("1", "true", "yes"),
+                      help="Create a NetworkPolicy per job: its trainer pods accept connections only from each other "
+                      "(the chart's namespace policy adds the operator and Prometheus on the metrics port).")
     pods.add_argument("--credentials-as-files", action="store_true",
                       default=_env(env, "CREDENTIALS_AS_FILES", "") in ("1", "true", "yes"),
                       help=f"Mount the output's credentials Secret as files under {CREDENTIALS_MOUNT_DIR} "
@@ -214,6 +218,7 @@ def parse_settings(argv: list[str], env: Mapping[str, str] | None = None) -> Set
             shm_size=args.trainer_shm_size,
             scratch_size=args.trainer_scratch_size,
             credentials_as_files=bool(args.credentials_as_files),
+            network_policy=bool(args.trainer_network_policy),
             model_cache=_model_cache(args),
         ),
     )

@@ -125,17 +125,23 @@ def test_trainer_network_policy_admits_only_trainers_the_operator_and_the_listed
         spec = np["spec"]
         assert spec["policyTypes"] == ["Ingress"]
         assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
-        peers, metrics = spec["ingress"]
-        # Ranks reach each other on every port (NCCL picks its ports at run time), nobody else does.
-        (trainers,) = peers["from"]
-        assert set(trainers) == {"podSelector"} and trainers["podSelector"]["matchLabels"].items() <= pod_labels.items()
-        assert "ports" not in peers
+        # Only the metrics port, only from the operator and the listed scrapers; the ranks of a job
+        # reach each other through the operator's per-job policy (builders.build_network_policy).
+        (metrics,) = spec["ingress"]
         operator, scraper = metrics["from"]
         assert operator["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": NS}
         assert operator["podSelector"]["matchLabels"].items() <= operator_labels.items()
         assert scraper == prometheus
         assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}] and "metrics" in container_ports
-    assert not find(render({"watch": {"namespaces": ["team-a"]}}), "NetworkPolicy")  # off by default
+    settings = parse_settings(operator_pod(objs)["spec"]["containers"][0]["args"], env={})
+    assert settings.pod_defaults.network_policy  # the operator makes the per-job policies
+    for role in find(objs, "Role", FULL):
+        assert {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+                "verbs": ["get", "create"]} in role["rules"]
+    off = render({"watch": {"namespaces": ["team-a"]}})  # off by default: no policy, flag or rule
+    assert not find(off, "NetworkPolicy")
+    assert not parse_settings(operator_pod(off)["spec"]["containers"][0]["args"], env={}).pod_defaults.network_policy
+    assert not any("networking.k8s.io" in r["apiGroups"] for role in find(off, "Role", FULL) for r in role["rules"])
     own = render({"trainerPods": {"networkPolicy": {"enabled": True, "namespaces": ["ml"]}}})
     assert [p["metadata"]["namespace"] for p in find(own, "NetworkPolicy")] == ["ml"]
 

@@ -70,3 +70,24 @@ def test_jobs_the_policy_does_not_allow_are_refused_before_anything_is_created(
     assert pod["containers"][0]["image"] == "registry.example/team/trainer:2"
     assert pod["priorityClassName"] == "training-high"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+
+
+def test_trainer_network_policy_admits_only_the_jobs_own_pods(
+    cluster: TestCluster, namespace: str, tmp_path: Path
+) -> None:
+    from finetune_operator.builders import JOB_CONTROLLER_UID_LABEL
+
+    op = OperatorProcess(cluster, namespace, tmp_path, "--trainer-network-policy", tag="netpol").start()
+    try:
+        cluster.apply(job_manifest("ranks", namespace, resources={"nodes": 2, "gpusPerNode": 1}))
+        wait_status(cluster, namespace, "ranks", lambda s: s.get("jobName"), "the Job", op=op)
+        (job,) = children(cluster, namespace, "ranks", "jobs")
+        (np,) = children(cluster, namespace, "ranks", "networkpolicies")
+        assert np["metadata"]["ownerReferences"][0]["kind"] == c.KIND  # garbage-collected with the job
+        selector = np["spec"]["podSelector"]["matchLabels"]
+        assert selector[JOB_CONTROLLER_UID_LABEL] == job["metadata"]["uid"]
+        assert np["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": selector}}]}]
+        # The API server put the same uid label on the Job's pods: the policy selects exactly them.
+        assert selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    finally:
+        op.stop()
