@@ -285,3 +285,20 @@ def test_spec_sizes_the_scratch_disk() -> None:
     pod = pod_of({"resources": {"gpusPerNode": 1, "ephemeralStorage": "1500Gi"}}, PodDefaults(scratch_size="100Gi"))
     assert {v["name"]: v for v in pod["volumes"]}["scratch"]["emptyDir"] == {"sizeLimit": "1500Gi"}
     assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "1500Gi"
+
+
+def test_network_policy_lets_only_the_jobs_own_pods_in() -> None:
+    from finetune_operator.builders import JOB_CONTROLLER_UID_LABEL, build_network_policy
+
+    built = children()
+    np = build_network_policy(OWNER, "job-uid-7")
+    assert np["metadata"]["ownerReferences"] == built.job["metadata"]["ownerReferences"]
+    assert np["metadata"]["namespace"] == "team-a"
+    spec = np["spec"]
+    # The pods of this Job (the uid label the Job controller sets on them), nobody else's.
+    selector = spec["podSelector"]["matchLabels"]
+    assert selector[JOB_CONTROLLER_UID_LABEL] == "job-uid-7"
+    template_labels = built.job["spec"]["template"]["metadata"]["labels"]
+    assert {k: v for k, v in selector.items() if k != JOB_CONTROLLER_UID_LABEL}.items() <= template_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    assert spec["ingress"] == [{"from": [{"podSelector": {"matchLabels": selector}}]}]  # any port: NCCL
