@@ -310,8 +310,10 @@ class Controller:
         try:
             parsed = parse_spec(body.get("spec"))
             # The platform's policy (image, priority, placement) refuses like a schema error: before
-            # any child exists, with the InvalidSpec condition and event.
-            refused = policy.violations(parsed, self.policy)
+            # any child exists, with the InvalidSpec condition and event. It admits jobs: one that
+            # got its Job (status.jobName) under an older policy runs on (the fields are immutable).
+            admitted = bool((body.get("status") or {}).get("jobName"))
+            refused = [] if admitted else policy.violations(parsed, self.policy)
             spec: FineTuneJobSpec | ManifestError = ManifestError(refused) if refused else parsed
         except ManifestError as exc:
             spec = exc

@@ -149,3 +149,19 @@ def test_the_controller_refuses_before_creating_anything() -> None:
     settings = parse_settings(["--trainer-image", TRAINER, "--allowed-images", "evil.example/miner"], env={})
     Controller(allowed, settings, OperatorMetrics()).reconcile("ns", "tune", full=True)  # type: ignore[arg-type]
     assert sorted(allowed.creates) == ["ConfigMap", "Job", "Service"]
+
+
+def test_a_job_admitted_under_an_older_policy_runs_on() -> None:
+    """The policy admits jobs: an operator restarted with a narrower one does not fail a job that
+    already has its Job (it would say Failed while the pods run on)."""
+    from finetune_operator.controller import Controller
+    from finetune_operator.metrics import OperatorMetrics
+    from test_operator_controller import MemoryKube, body
+
+    running = body(image="registry.example/old/trainer:1")
+    running["status"] = {"phase": c.Phase.RUNNING, "jobName": "tune"}
+    kube = MemoryKube(running)
+    ctl = Controller(kube, parse_settings(["--trainer-image", TRAINER], env={}), OperatorMetrics())  # type: ignore[arg-type]
+    ctl.reconcile("ns", "tune", full=True)
+    assert kube.ftjs[("ns", "tune")]["status"]["phase"] != c.Phase.FAILED
+    assert c.Reason.INVALID_SPEC not in kube.events
