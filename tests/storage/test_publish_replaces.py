@@ -101,8 +101,8 @@ def test_finetune_run_with_resume_never_replaces_the_older_artifact(
     lora = {"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
     hp = {"maxSteps": 2, "batchSize": 8, "seed": 7}
     for i, save in enumerate((["adapter", "merged"], ["adapter"])):
-        spec = make_spec(out, method=lora, hyperparameters=hp, output={"uri": str(out), "save": save},
-                         checkpointing={"resume": "never"})
+        spec = make_spec(out, method=lora, hyperparameters=hp, checkpointing={"resume": "never"})
+        spec["output"]["save"] = save
         job = tmp_path / f"job{i}.yaml"
         job.write_text(yaml.safe_dump({"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "again"},
                                        "spec": spec}))
