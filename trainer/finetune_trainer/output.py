@@ -4,7 +4,7 @@ Layout of an artifact (under the output URI):
   adapter_model.safetensors, adapter_config.json   PEFT methods with save "adapter"
   model.safetensors (or shards), config.json ...   full fine-tuning
   tokenizer files                                  always
-  merged/                                          LoRA-family with save "merged": base + adapter
+  merged/                                          PEFT (not prompt learning) with save "merged"
   metrics.json                                     base and tuned evalLoss/perplexity, training
   manifest.json                                    LAST: every file's sha256 and size, the spec,
                                                    library versions, base model identity
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_api.constants import MERGED_DIR, METRICS_FILE
-from finetune_api.spec import LORA_FAMILY, FineTuneJobSpec
+from finetune_api.spec import PROMPT_LEARNING, FineTuneJobSpec
 from finetune_api.status import Artifact, Manifest
 
 from . import storage
@@ -118,7 +118,9 @@ def _without_zero3_init() -> Iterator[None]:
 
 
 def wants_merged(spec: FineTuneJobSpec) -> bool:
-    return spec.method.type in LORA_FAMILY and "merged" in (spec.output.save or [])
+    """Whether merged/ (base + adapter as full weights) is due: any PEFT method the API lets merge
+    (all but prompt learning, whose virtual tokens cannot be merged; it rejects those)."""
+    return spec.method.is_peft and spec.method.type not in PROMPT_LEARNING and "merged" in (spec.output.save or [])
 
 
 def write_metrics(stage: Path, metrics: dict[str, Any]) -> Path:
