@@ -202,11 +202,30 @@ def check_pairs(report: Report, pairs: list[dict[str, Any]], tokenizer: Any, spe
                               f"  (rejected: {preference.answer_text(pair['rejected'])!r})")
 
 
-def _model_dir(spec: FineTuneJobSpec, workdir: Path) -> Path | None:
-    from . import uris
+#: What the preflight needs of a model: its config and tokenizer, never the weights.
+SMALL_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json",
+                     "merges.txt", "added_tokens.json")
 
-    path = uris.resolve(spec.model.uri, workdir / "model")
-    return path if path is not None and path.is_dir() else None
+
+def _model_dir(spec: FineTuneJobSpec, workdir: Path) -> Path | None:
+    """The model folder: a local one as it is; of a remote (s3://, pvc://) one only the config and
+    tokenizer files, so that a CPU pod does not download the weights; None for a hub id."""
+    from . import storage, uris
+
+    uri = spec.model.uri
+    if not uris.is_remote(uri) or spec.model.gguf_file:
+        path = uris.resolve(uri, workdir / "model")
+        return path if path is not None and path.is_dir() else None
+    folder = workdir / "model-files"
+    for name in SMALL_MODEL_FILES:
+        try:
+            storage.fetch(f"{uri.rstrip('/')}/{name}", folder)
+        except Exception as exc:  # absent files are normal (a model has one tokenizer format)
+            log.debug("%s/%s: not fetched: %s", uri, name, exc)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model {uri}: no config.json there")
+    return folder
 
 
 def _model_config(spec: FineTuneJobSpec, model_dir: Path | None) -> Any:
@@ -244,7 +263,10 @@ def run(spec: FineTuneJobSpec, workdir: Path, *, gpu_memory: int | None = None,
         rows = rows[:sample]
         report.rows = len(rows)
         model_dir = _model_dir(spec, workdir)
-        tokenizer = models.load_tokenizer(spec.model, workdir)
+        model_spec = spec.model
+        if model_dir is not None and spec.model.tokenizer is None:
+            model_spec = spec.model.model_copy(update={"uri": str(model_dir)})  # fetched once
+        tokenizer = models.load_tokenizer(model_spec, workdir)
         if spec.objective.type in PREFERENCE_OBJECTIVES and ds.format == "preference":
             pairs, _ = preference.check_pairs(rows, ds, ds.train)
             check_pairs(report, pairs, tokenizer, spec)
