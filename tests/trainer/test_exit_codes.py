@@ -82,6 +82,7 @@ def test_output_that_is_not_a_folder_is_permanent(make_spec: Spec, tmp_path: Pat
     code, lines = run_in_process(tmp_path, make_spec(tmp_path / "out"), capsys, "--output", target)
     assert code == ExitCode.PERMANENT, lines
     assert len(lines) == 1 and "permanent error" in lines[0] and target in lines[0], lines
+    assert "the output must be a folder" in lines[0], lines
 
 
 def _read_only_mount_works(where: Path) -> bool:

@@ -19,7 +19,7 @@ from finetune_api.constants import MANIFEST_FILE, METRICS_FILE, SCRATCH_DIR
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import Artifact, Manifest
 
-from . import distributed, output, storage, uris
+from . import distributed, output, storage
 from .errors import ConfigError
 from .metrics import MetricsCallback, TrainerMetrics
 from .recipes import Recipe, RecipeContext, RecipeResult, dpo, ppo, reward, sft
@@ -109,9 +109,8 @@ def run_job(spec: FineTuneJobSpec, output_uri: str | None = None, overrides: Ove
     """Train as the spec says and publish the artifact to `output_uri` (default spec.output.uri)."""
     o = overrides or Overrides()
     dest = output_uri or spec.output.uri
-    if uris.is_local(dest):
-        uris.local_path(dest).mkdir(parents=True, exist_ok=True)
-    # Fail before any training time is spent when the output cannot be written.
+    # Fail before any training time is spent when the output cannot be written (a local output's
+    # folder is made there, so that a read-only filesystem or a file in its place is named).
     storage.check_writable(dest)
     # Every rank decides alike (the same manifest), so none trains alone.
     if spec.checkpointing.resume == "auto":

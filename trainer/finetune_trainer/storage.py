@@ -555,6 +555,8 @@ def check_writable(uri: str) -> None:
     probe = f"{root}/.finetune-probe-{os.getpid()}-{random.randrange(1 << 30)}"
 
     def write_and_delete() -> None:
+        if _is_local(fs):
+            os.makedirs(root, exist_ok=True)  # the output folder stays, empty until published
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
 
