@@ -129,7 +129,9 @@ def job_manifest(name: str, namespace: str, metrics_url: str) -> dict[str, Any]:
             "dataset": {"train": "s3://data/train.jsonl", "format": "prompt_completion"},
             "method": {"type": "lora"},
             "hyperparameters": {"maxSteps": 100},
-            "resources": {"gpusPerNode": 0, "cpu": "100m", "memory": "64Mi"},
+            # Tiny pods: the operator's default scratch (200Gi, also the ephemeral-storage request)
+            # would fit 5 per fake node and leave most jobs unschedulable.
+            "resources": {"gpusPerNode": 0, "cpu": "100m", "memory": "64Mi", "ephemeralStorage": "1Gi"},
             "output": {"uri": f"s3://out/{name}"},
         },
     }
