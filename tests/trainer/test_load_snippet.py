@@ -74,3 +74,31 @@ def test_s3_output(make_spec: Callable[..., dict[str, Any]], tmp_path: Path, cap
     out = run_snippet(snippet, "print(type(model).__name__, path)", env={**minio_env, **dict(os.environ)}, cwd=where)
     assert out.split()[0] == "PeftModelForCausalLM"
     assert Path(where / out.split()[1]).resolve() == (where / "snippet").resolve()
+
+
+@pytest.mark.cluster
+def test_adapter_of_a_base_model_from_s3(make_spec: Callable[..., dict[str, Any]], tiny_model_dir: Path,
+                                         tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         minio_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter names the scratch copy of its base (gone after the run): the snippet fetches the base."""
+    import uuid
+
+    from finetune_trainer import storage
+
+    for key, value in minio_env.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    fs, _ = storage.resolve(f"s3://{bucket}")
+    fs.mkdir(bucket)
+    storage.publish(tiny_model_dir, f"s3://{bucket}/base", kind="artifact")
+    spec = make_spec(tmp_path / "unused", model={"uri": f"s3://{bucket}/base"}, method=LORA,
+                     hyperparameters={"maxSteps": 2, "batchSize": 8, "seed": 7})
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "s3base"}, "spec": spec}))
+    code = finetune(["run", str(job), "--no-progress", "--metrics-port", "0", "--output", str(tmp_path / "out")])
+    printed, err = capsys.readouterr()
+    assert code == ExitCode.SUCCESS, err[-3000:]
+    where = tmp_path / "user"
+    where.mkdir()
+    out = run_snippet(load_snippet(printed), "print(type(model).__name__)", env=minio_env, cwd=where)
+    assert out.strip() == "PeftModelForCausalLM"

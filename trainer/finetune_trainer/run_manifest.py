@@ -83,33 +83,40 @@ def _model_class(objective: str, peft: bool) -> tuple[str, str]:
     return ("peft", f"AutoPeftModelFor{task}") if peft else ("transformers", f"AutoModelFor{task}")
 
 
-def how_to_load(uri: str, method: str, merged: bool, objective: str = "sft") -> list[str]:
+def how_to_load(uri: str, method: str, merged: bool, objective: str = "sft", base_uri: str | None = None) -> list[str]:
     """Python lines that load the artifact at `uri` (any output form), as printed by `finetune run`.
 
     Local forms (a path, file://, pvc:// as mounted here) load from the filesystem path; s3:// is
     first copied locally with the storage layer (same AWS_* environment as the run, checked against
-    manifest.json), since from_pretrained reads neither file:// nor s3:// URIs.
+    manifest.json), since from_pretrained reads neither file:// nor s3:// URIs. An adapter names
+    its base model by the path it was loaded from: for a base model from s3:// that was a scratch
+    copy, gone after the run, so the base is fetched too and the adapter applied to it.
     """
     from . import storage
 
+    fetch = "from finetune_trainer.storage import fetch"
     lines: list[str] = []
     if storage.is_local(uri):
         where = repr(storage.resolve(uri)[1])
     else:
         local = "./" + uri.rstrip("/").rsplit("/", 1)[-1]
-        lines += ["from finetune_trainer.storage import fetch",
-                  f"path = str(fetch({uri!r}, {local!r}))  # a local copy, checked against manifest.json"]
+        lines += [fetch, f"path = str(fetch({uri!r}, {local!r}))  # a local copy, checked against manifest.json"]
         where = "path"
     peft = method in PEFT_METHODS
     module, cls = _model_class(objective, peft)
-    lines += [
-        f"from {module} import {cls}",
-        "from transformers import AutoTokenizer",
-        f"model = {cls}.from_pretrained({where})",
-        f"tokenizer = AutoTokenizer.from_pretrained({where})",
-    ]
+    full = _model_class(objective, False)[1]
+    if peft and base_uri is not None and base_uri.startswith("s3://"):
+        head = ", num_labels=1" if objective == "reward" else ""
+        lines += [*([] if fetch in lines else [fetch]),
+                  f"base = str(fetch({base_uri!r}, './base-model'))  # the base model the adapter was trained on",
+                  f"from transformers import AutoTokenizer, {full}",
+                  "from peft import PeftModel",
+                  f"model = PeftModel.from_pretrained({full}.from_pretrained(base{head}), {where})"]
+    else:
+        lines += [f"from {module} import {cls}", "from transformers import AutoTokenizer",
+                  f"model = {cls}.from_pretrained({where})"]
+    lines.append(f"tokenizer = AutoTokenizer.from_pretrained({where})")
     if peft and merged:
-        full = _model_class(objective, False)[1]
         lines.append(f"# or the merged full model: {full}.from_pretrained({where} + '/merged')")
     return lines
 
@@ -166,6 +173,7 @@ def main(argv: list[str]) -> int:
     print(f"  artifact    {result.output_uri}  ({len(result.manifest.files)} files, "
           f"{result.artifact.size_bytes / 1e6:.1f} MB, manifest sha256 {result.artifact.sha256[:12]})")
     print("  load it with:")
-    for line in how_to_load(result.output_uri, spec.method.type, output.wants_merged(spec), spec.objective.type):
+    for line in how_to_load(result.output_uri, spec.method.type, output.wants_merged(spec),
+                            spec.objective.type, spec.model.uri):
         print(f"    {line}")
     return ExitCode.SUCCESS
