@@ -46,6 +46,10 @@ class ConditionType:
     # Only with spec.queueName: Kueue's verdict on the Job (True once it has quota; False, with
     # Kueue's own reason and message, while it waits or after it was evicted).
     ADMITTED: Final = "Admitted"
+    # The preflight (spec.preflight): the data and the memory plan checked in a CPU pod before the
+    # GPU Job exists. Unknown while it runs; True (DataValid) or False (InvalidData, WillNotFit,
+    # PreflightFailed).
+    DATA_CHECKED: Final = "DataChecked"
 
 
 class Reason:
@@ -68,6 +72,13 @@ class Reason:
     QUEUED: Final = "Queued"
     # Kueue admitted it (it unsuspends the Job).
     ADMITTED: Final = "Admitted"
+    # The preflight: running, passed, or why it failed (the job ends Failed with that reason).
+    CHECKING_DATA: Final = "CheckingData"
+    DATA_VALID: Final = "DataValid"
+    INVALID_DATA: Final = "InvalidData"
+    WILL_NOT_FIT: Final = "WillNotFit"
+    # The preflight pod itself failed (crashed, OOM-killed, not scheduled in time): no verdict on the data.
+    PREFLIGHT_FAILED: Final = "PreflightFailed"
     # A child (ConfigMap, Service, Job) was missing, deleted by hand, and the operator made it again.
     RECREATED: Final = "Recreated"
     # A damaged entry of the shared model cache was discarded and the model downloaded again.

@@ -588,6 +588,20 @@ class RunPolicy(ApiModel):
     )
 
 
+class Preflight(ApiModel):
+    """The data and memory check the operator runs before it creates the GPU Job."""
+
+    enabled: bool = Field(
+        True,
+        description="Run `finetune preflight` on the spec in a CPU-only pod (trainer image, the job's credentials) "
+        "before the GPU Job is created: the data is read with the trainer's loader and the memory plan is checked "
+        "against the node pool's GPU memory. The GPU Job is created only when it passes; otherwise the job fails "
+        "with reason InvalidData or WillNotFit and no GPU is taken. Suspended and queued (queueName) jobs run it "
+        "before they queue.",
+    )
+    sample: int = Field(2000, ge=1, le=1000000, description="Rows read at most (big data is checked on its first rows).")
+
+
 # --- the spec ------------------------------------------------------------------------------
 
 
@@ -687,6 +701,10 @@ class FineTuneJobSpec(ApiModel):
     )
     queue_name: Annotated[str, Field(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] | None = Field(
         None, description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label." + FIXED
+    )
+    preflight: Preflight = Field(
+        default_factory=Preflight, description="The data check before the GPU Job." + FIXED,
+        json_schema_extra=IMMUTABLE,
     )
     run_policy: RunPolicy = Field(
         default_factory=RunPolicy,

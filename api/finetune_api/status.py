@@ -108,6 +108,25 @@ class Artifact(StatusModel):
     size_bytes: int = Field(description="Total size of the artifact's files.")
 
 
+class DataCheck(StatusModel):
+    """The preflight's summary (spec.preflight): what the data and the memory plan looked like
+    before the GPU Job was created. The preflight writes it in its termination message; the
+    operator copies it into status.dataCheck."""
+
+    rows: int = Field(0, description="Rows read (the first rows only when `sampled`).")
+    sampled: bool = Field(False, description="True when the data has more rows than were read.")
+    tokens: int = Field(0, description="Tokens of the rows read, as training tokenizes them.")
+    truncated_share: float = Field(0.0, description="Share of examples longer than maxSeqLength (cut).")
+    no_loss_share: float = Field(0.0, description="Share of examples without a loss-carrying token (dropped).")
+    memory_per_gpu_bytes: int | None = Field(
+        None, description="Estimated peak memory per GPU with the margin (absent for a CPU-only spec)."
+    )
+    gpu_memory_bytes: int | None = Field(
+        None, description="The GPU memory the plan was checked against (the operator's setting for the node pool)."
+    )
+    largest_batch: int | None = Field(None, description="Largest batchSize that fits that GPU memory.")
+
+
 class FineTuneJobStatus(StatusModel):
     """Observed state of a FineTuneJob."""
 
@@ -132,6 +151,9 @@ class FineTuneJobStatus(StatusModel):
         description="Where the base model came from with the shared model cache on: hit (read from the cache), "
         "miss (downloaded into it), refetched (a damaged entry was discarded and downloaded again). "
         "Absent when the cache is off or the model is not remote.",
+    )
+    data_check: DataCheck | None = Field(
+        None, description="The preflight's summary (rows, tokens, truncated share, memory per GPU), when it ran."
     )
 
 
@@ -172,3 +194,5 @@ class TerminationMessage(StatusModel):
     last_checkpoint: Checkpoint | None = None
     #: How the base model was obtained through the shared cache (status.modelCache).
     model_cache: Literal["hit", "miss", "refetched"] | None = None
+    #: The preflight's summary (status.dataCheck); only the preflight pod writes it.
+    data_check: DataCheck | None = None

@@ -81,7 +81,7 @@ def test_spec_fields_except_policy_are_immutable() -> None:
     immutable = {name for name, prop in spec["properties"].items()
                  if {"rule": "self == oldSelf", "message": "is immutable"} in prop.get("x-kubernetes-validations", [])}
     assert immutable == {"model", "dataset", "method", "objective", "hyperparameters", "resources",
-                         "distributed", "output"}
+                         "distributed", "output", "preflight"}
     assert "suspend" not in immutable
     # The optional ones, by a rule on the spec that also sees them added or removed.
     on_spec = [r["rule"] for r in spec["x-kubernetes-validations"] if "oldSelf" in r["rule"]]
