@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_api.constants import API_VERSION, KIND, ExitCode
+from finetune_api.constants import API_VERSION, KIND, Env, ExitCode, Reason
 from finetune_cli.main import main as finetune
 from harness.model_plugin import CHATML_TEMPLATE
 
@@ -146,3 +146,48 @@ def test_a_model_that_cannot_fit_fails_with_the_batch_that_would(make_spec: Call
     spec["hyperparameters"]["batchSize"] = summary["largestBatch"] + 1
     code, out, _ = preflight(tmp_path, spec, capsys, "--gpu-memory", "40Gi")
     assert code == ExitCode.PERMANENT and f"batchSize {summary['largestBatch']} fits" in out
+
+
+def _pod_preflight(tmp_path: Path, spec: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                   capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
+    """As in the operator's preflight pod: no FILE, the spec JSON it mounts, a termination log."""
+    from finetune_api.resource import parse_spec
+
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(parse_spec(spec).wire()), encoding="utf-8")
+    log = tmp_path / "termination-log"
+    log.unlink(missing_ok=True)
+    monkeypatch.setenv(Env.SPEC_PATH, str(spec_path))
+    monkeypatch.setenv(Env.TERMINATION_LOG, str(log))
+    code = finetune(["preflight", "--json", *args])
+    capsys.readouterr()
+    return code, json.loads(log.read_text(encoding="utf-8"))
+
+
+def test_in_the_operators_pod_the_verdict_goes_to_the_termination_message(
+        make_spec: Callable[..., dict[str, Any]], llama8b_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from finetune_api.status import TerminationMessage
+
+    spec = make_spec(tmp_path / "out", resources={"gpusPerNode": 1})
+    code, doc = _pod_preflight(tmp_path, spec, monkeypatch, capsys, "--gpu-memory", "80Gi")
+    msg = TerminationMessage.model_validate(doc)
+    assert code == ExitCode.SUCCESS and msg.outcome == "succeeded" and msg.reason == Reason.DATA_VALID
+    assert msg.data_check is not None and msg.data_check.rows == 48 and msg.data_check.tokens > 48
+    assert msg.data_check.gpu_memory_bytes == 80 * 2**30 and (msg.data_check.memory_per_gpu_bytes or 0) > 0
+    assert msg.message.startswith("preflight ok: 48 rows, ")
+    # Data in the wrong shape: InvalidData, with the loader's line.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n', encoding="utf-8")
+    code, doc = _pod_preflight(tmp_path, make_spec(tmp_path / "out", dataset={"train": str(bad)}), monkeypatch, capsys)
+    msg = TerminationMessage.model_validate(doc)
+    assert code == ExitCode.PERMANENT and msg.outcome == "failed" and msg.reason == Reason.INVALID_DATA
+    assert msg.message.startswith(f"{bad}: line 2")
+    # Good data, a plan that does not fit: WillNotFit, with the plan's numbers.
+    spec = make_spec(tmp_path / "out", model={"uri": str(llama8b_dir)}, method={"type": "full"},
+                     resources={"gpusPerNode": 1}, dataset={"maxSeqLength": 64})
+    code, doc = _pod_preflight(tmp_path, spec, monkeypatch, capsys, "--gpu-memory", "40Gi")
+    msg = TerminationMessage.model_validate(doc)
+    assert code == ExitCode.PERMANENT and msg.reason == Reason.WILL_NOT_FIT
+    assert msg.message.startswith("will not fit: needs about ") and msg.data_check is not None
+    assert msg.data_check.largest_batch == 0 and msg.data_check.rows == 48

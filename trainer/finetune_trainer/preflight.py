@@ -17,16 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune_api import ManifestError
-from finetune_api.constants import ExitCode
+from finetune_api.constants import Env, ExitCode, Reason
 from finetune_api.spec import PREFERENCE_OBJECTIVES, FineTuneJobSpec
+from finetune_api.status import DataCheck, TerminationMessage
 
-from . import data, memory_plan, preference
+from . import data, memory_plan, preference, termination
 from .errors import ConfigError, PermanentError
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class Report:
     largest_batch: int | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: The error is the memory plan's (the data itself was fine): the operator's WillNotFit.
+    will_not_fit: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -89,11 +93,34 @@ class Report:
         }
         if self.plan is not None and self.on_gpu:
             out["memoryPerGpuBytes"] = int(self.plan.required_bytes)
+        if self.gpu_memory is not None:
+            out["gpuMemoryBytes"] = self.gpu_memory
         if self.largest_batch is not None:
             out["largestBatch"] = self.largest_batch
         if self.errors:
             out["message"] = self.errors[0]
         return out
+
+    @property
+    def reason(self) -> str:
+        """The operator's reason for this outcome (DataChecked condition, and Failed when not ok)."""
+        if not self.errors:
+            return Reason.DATA_VALID
+        return Reason.WILL_NOT_FIT if self.will_not_fit else Reason.INVALID_DATA
+
+    def termination_message(self) -> TerminationMessage:
+        """What the preflight pod leaves for the operator (termination message contract)."""
+        summary = self.summary()
+        if self.errors:
+            message = self.errors[0]
+        else:
+            message = f"preflight ok: {self.rows} rows{' (a sample)' if self.sampled else ''}, {summary['tokens']} tokens"
+            if "memoryPerGpuBytes" in summary:
+                message += f", about {memory_plan.gib(summary['memoryPerGpuBytes'])} per GPU"
+            if self.warnings:
+                message += f"; warning: {self.warnings[0]}"
+        return TerminationMessage(outcome="failed" if self.errors else "succeeded", reason=self.reason,
+                                  message=message, data_check=DataCheck.model_validate(summary))
 
     def lines(self) -> list[str]:
         out = [f"data: {self.source}"]
@@ -306,6 +333,7 @@ def run(spec: FineTuneJobSpec, workdir: Path, *, gpu_memory: int | None = None,
         report.gpu_memory = gpu_memory
         report.largest_batch = report.plan.largest_batch(gpu_memory)
         if not report.plan.fits(gpu_memory):
+            report.will_not_fit = not report.errors
             hint = (f"batchSize {report.largest_batch} fits" if report.largest_batch
                     else "not even batchSize 1 fits: use qlora, gradientCheckpointing, or more GPUs with fsdp")
             report.errors.append(
@@ -321,13 +349,26 @@ def run(spec: FineTuneJobSpec, workdir: Path, *, gpu_memory: int | None = None,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune preflight", description=__doc__.splitlines()[0])
-    p.add_argument("file", metavar="FILE.yaml", help="A FineTuneJob manifest.")
+    p.add_argument("file", metavar="FILE.yaml", nargs="?",
+                   help="A FineTuneJob manifest; without it, the spec JSON at $FINETUNE_SPEC_PATH (the operator's "
+                   "preflight pod), and the summary also goes to the termination message.")
     p.add_argument("--gpu-memory", metavar="SIZE", help="Memory of one GPU, e.g. 80Gi: give the plan a verdict.")
     p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE, metavar="N",
                    help=f"Rows to read at most (default {DEFAULT_SAMPLE}).")
     p.add_argument("--workdir", type=Path, metavar="DIR", help="Scratch folder for remote data (default: a temp dir).")
     p.add_argument("--json", action="store_true", help="Print the summary as one JSON object (last line).")
     return p
+
+
+def _read_spec(file: str | None) -> FineTuneJobSpec:
+    """The spec of a manifest file, or (no file: in the operator's pod) the mounted spec JSON."""
+    if file is None:
+        from .entrypoint import read_spec
+
+        return read_spec(os.environ.get(Env.SPEC_PATH))
+    from finetune_cli.manifests import load_job
+
+    return load_job(Path(file), local_run=True).spec  # local data and output paths are fine here
 
 
 def main(argv: list[str]) -> int:
@@ -345,15 +386,17 @@ def main(argv: list[str]) -> int:
     if args.sample < 1:
         print("finetune preflight: --sample must be at least 1", file=sys.stderr)
         return 2
-    from finetune_cli.manifests import load_job
-
     try:
-        job = load_job(Path(args.file), local_run=True)  # local data and output paths are fine here
-    except ManifestError as exc:
+        spec = _read_spec(args.file)
+    except (ManifestError, ConfigError) as exc:
         print(str(exc), file=sys.stderr)
+        if args.file is None:
+            termination.write(TerminationMessage(outcome="failed", reason=Reason.INVALID_DATA, message=str(exc)))
         return ExitCode.PERMANENT
     with tempfile.TemporaryDirectory(prefix="finetune-preflight-", dir=args.workdir) as tmp:
-        report = run(job.spec, Path(tmp), gpu_memory=gpu_memory, sample=args.sample)
+        report = run(spec, Path(tmp), gpu_memory=gpu_memory, sample=args.sample)
+    # A no-op where there is no termination log (a user's machine).
+    termination.write(report.termination_message())
     for line in report.lines():
         print(line, file=sys.stderr if line.startswith("error:") else sys.stdout)
     if args.json:
