@@ -192,6 +192,10 @@ KUEUE_GROUP: Final = "kueue.x-k8s.io"
 KUEUE_VERSION: Final = "v1beta2"
 KUEUE_WORKLOADS: Final = "workloads"
 GPU_RESOURCE: Final = "nvidia.com/gpu"
+# Node labels of NVIDIA's GPU feature discovery: the GPU model, and its memory in MiB. The operator
+# picks the GPU memory the preflight checks the plan against from a job's nodeSelector on them.
+GPU_PRODUCT_LABEL: Final = "nvidia.com/gpu.product"
+GPU_MEMORY_LABEL: Final = "nvidia.com/gpu.memory"
 
 # --- Storage layout under the output URI -------------------------------------------------
 MANIFEST_FILE: Final = "manifest.json"
