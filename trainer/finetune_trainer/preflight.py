@@ -62,6 +62,8 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     #: The error is the memory plan's (the data itself was fine): the operator's WillNotFit.
     will_not_fit: bool = False
+    #: The reason of a trainer error that stopped the check (StorageError: access denied; InvalidSpec: no model).
+    error_reason: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -106,7 +108,11 @@ class Report:
         """The operator's reason for this outcome (DataChecked condition, and Failed when not ok)."""
         if not self.errors:
             return Reason.DATA_VALID
-        return Reason.WILL_NOT_FIT if self.will_not_fit else Reason.INVALID_DATA
+        if self.will_not_fit:
+            return Reason.WILL_NOT_FIT
+        if self.error_reason in (Reason.STORAGE_ERROR, Reason.INVALID_SPEC):
+            return self.error_reason
+        return Reason.INVALID_DATA
 
     def termination_message(self) -> TerminationMessage:
         """What the preflight pod leaves for the operator (termination message contract)."""
@@ -302,6 +308,7 @@ def run(spec: FineTuneJobSpec, workdir: Path, *, gpu_memory: int | None = None,
         config = _model_config(spec, model_dir)
     except PermanentError as exc:
         report.errors.append(str(exc))
+        report.error_reason = exc.reason
         return report
     if report.lengths and report.no_loss == len(report.lengths):
         report.errors.append(
