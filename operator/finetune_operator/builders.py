@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -143,12 +143,54 @@ class PodDefaults:
 
 
 @dataclass(frozen=True)
+class GpuMemory:
+    """GPU memory per node pool, for the preflight's memory verdict (chart `preflight.gpuMemory`).
+
+    A job's pool is what its nodeSelector names: a GPU model (the `nvidia.com/gpu.product` label
+    value) looked up in `by_product`, or the GPU memory label itself (MiB); else `default`; else
+    the preflight reports the plan without a verdict."""
+
+    by_product: tuple[tuple[str, str], ...] = ()
+    default: str | None = None
+
+    def for_spec(self, spec: FineTuneJobSpec) -> str | None:
+        """The GPU memory (a quantity such as 80Gi) the job's pods will get, when it is known."""
+        if spec.resources.gpus_per_node == 0:
+            return None  # a CPU job: no GPU to fit
+        selector = spec.resources.node_selector or {}
+        product = selector.get(c.GPU_PRODUCT_LABEL)
+        if product is not None and product in dict(self.by_product):
+            return dict(self.by_product)[product]
+        mib = selector.get(c.GPU_MEMORY_LABEL)
+        if mib is not None and mib.isdigit():
+            return f"{mib}Mi"
+        return self.default
+
+
+@dataclass(frozen=True)
+class PreflightOptions:
+    """The preflight pod (chart `preflight`): small CPU requests, no GPU; how long it may take."""
+
+    cpu: str = "1"
+    memory: str = "2Gi"
+    # Its memory limit: it reads a sample of the data and the tokenizer, never the weights.
+    memory_limit: str = "8Gi"
+    # /scratch for the data it downloads (and its ephemeral-storage request).
+    scratch_size: str = "20Gi"
+    # The preflight Job's activeDeadlineSeconds: a pod that never schedules fails the job
+    # (PreflightFailed) instead of leaving it Pending forever.
+    timeout_seconds: int = 1800
+    gpu_memory: GpuMemory = GpuMemory()
+
+
+@dataclass(frozen=True)
 class BuildOptions:
     """Operator-wide inputs of the builders."""
 
     trainer_image: str
     propagate_prefixes: tuple[str, ...] = ()
     pod_defaults: PodDefaults = PodDefaults()
+    preflight: PreflightOptions = PreflightOptions()
 
 
 @dataclass(frozen=True)
@@ -557,3 +599,84 @@ def build_children(
         service=build_service(owner, job_uid),
         job=build_job(owner, spec, options),
     )
+
+
+# --- the preflight ---------------------------------------------------------------------------
+
+COMPONENT_PREFLIGHT = "preflight"
+PREFLIGHT_CONTAINER = "preflight"
+PREFLIGHT_COMMAND = ["finetune", "preflight"]
+#: Environment of the trainer container the preflight also reads (spec, credentials, caches).
+_PREFLIGHT_ENV_SKIP = {c.Env.OUTPUT_URI, c.Env.CHECKPOINT_URI, c.Env.METRICS_PORT, c.Env.NUM_NODES, c.Env.NODE_RANK,
+                       c.Env.NPROC_PER_NODE, c.Env.MASTER_ADDR, c.Env.MASTER_PORT, c.Env.RDZV_TIMEOUT}
+
+
+def preflight_job_name(owner_name: str) -> str:
+    return f"{owner_name}-preflight"
+
+
+def wants_preflight(spec: FineTuneJobSpec) -> bool:
+    return spec.preflight.enabled
+
+
+def preflight_command(spec: FineTuneJobSpec, options: PreflightOptions) -> list[str]:
+    """`finetune preflight` on the mounted spec ($FINETUNE_SPEC_PATH), its verdict in the
+    termination message, checked against the node pool's GPU memory when the operator knows it."""
+    argv = [*PREFLIGHT_COMMAND, "--json", "--sample", str(spec.preflight.sample)]
+    gpu_memory = options.gpu_memory.for_spec(spec)
+    if gpu_memory is not None:
+        argv += ["--gpu-memory", gpu_memory]
+    return argv
+
+
+def build_preflight_job(owner: Owner, spec: FineTuneJobSpec, options: BuildOptions) -> dict[str, Any]:
+    """A one-pod Job that runs the preflight in a CPU-only pod: the trainer's image, the same spec
+    ConfigMap and credentials, the trainer pod's security context and tolerations (so it can run
+    on a GPU node without taking a GPU where a cluster has no other nodes), no GPU, no nodeSelector
+    (it picks a GPU model), small requests. Exit 42 (the data or the plan is wrong) fails it at once;
+    other failures are retried twice."""
+    pre = options.preflight
+    # The trainer's pod, less what only training needs: the model cache, /dev/shm, the GPU, big disk.
+    defaults = replace(options.pod_defaults, model_cache=None, scratch_size=pre.scratch_size)
+    cpu_spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"ephemeral_storage": None})})
+    template = build_pod_template(owner, cpu_spec, replace(options, pod_defaults=defaults))
+    pod = template["spec"]
+    pod.pop("subdomain", None)
+    pod.pop("nodeSelector", None)
+    pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "shm"]
+    for volume in pod["volumes"]:
+        if "persistentVolumeClaim" in volume:
+            volume["persistentVolumeClaim"]["readOnly"] = True
+    container = pod["containers"][0]
+    container.update({
+        "name": PREFLIGHT_CONTAINER,
+        "command": preflight_command(spec, pre),
+        # Downloaded data goes to /scratch (size-limited), through TMPDIR.
+        "env": [e if e["name"] != "TMPDIR" else _env("TMPDIR", c.SCRATCH_DIR)
+                for e in container["env"] if e["name"] not in _PREFLIGHT_ENV_SKIP],
+        "resources": {"requests": {"cpu": pre.cpu, "memory": pre.memory, "ephemeral-storage": pre.scratch_size},
+                      "limits": {"memory": pre.memory_limit}},
+        "volumeMounts": [{**m, "readOnly": True} if m["name"].startswith("pvc-") else m
+                         for m in container["volumeMounts"] if m["name"] != "shm"],
+        # A crash before the message is written still says why (the log's tail).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    })
+    container.pop("ports", None)
+    template["metadata"]["labels"].update(child_labels(owner, COMPONENT_PREFLIGHT))
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(owner, preflight_job_name(owner.name), COMPONENT_PREFLIGHT),
+        "spec": {
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": 2,
+            "activeDeadlineSeconds": pre.timeout_seconds,
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": PREFLIGHT_CONTAINER, "operator": "In",
+                                                      "values": [c.ExitCode.PERMANENT]}},
+                {"action": "Ignore", "onPodConditions": [{"type": DISRUPTION_TARGET, "status": "True"}]},
+            ]},
+            "template": template,
+        },
+    }

@@ -63,8 +63,20 @@ def trim_service(body: dict[str, Any]) -> dict[str, Any]:
     return {"metadata": _meta(body), "spec": {"selector": (body.get("spec") or {}).get("selector") or {}}}
 
 
-#: The children of a FineTuneJob, by kind, and how each is trimmed.
-CHILD_TRIMS = {"ConfigMap": trim_config_map, "Service": trim_service, "Job": trim_job}
+#: The children of a FineTuneJob, by kind, and how each is trimmed. A FineTuneJob has two Jobs:
+#: the preflight's (PREFLIGHT_JOB, told apart by its component label) and the trainer's.
+PREFLIGHT_JOB = "PreflightJob"
+CHILD_TRIMS = {"ConfigMap": trim_config_map, "Service": trim_service, "Job": trim_job, PREFLIGHT_JOB: trim_job}
+#: The component label value of the preflight's Job (builders.COMPONENT_PREFLIGHT).
+_PREFLIGHT_COMPONENT = "preflight"
+
+
+def slot_of(kind: str, body: dict[str, Any]) -> str:
+    """Where the cache keeps a child: its kind, or PREFLIGHT_JOB for the preflight's Job."""
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    if kind == "Job" and labels.get(c.LABEL_COMPONENT) == _PREFLIGHT_COMPONENT:
+        return PREFLIGHT_JOB
+    return kind
 
 
 def trim_pod(body: dict[str, Any]) -> dict[str, Any]:
@@ -132,19 +144,21 @@ class WatchCache:
     # --- children ----------------------------------------------------------------------------------
 
     def put_child(self, kind: str, body: dict[str, Any], event: str | None = None) -> str | None:
-        """Record a ConfigMap, Service or Job; returns the key of the FineTuneJob it belongs to."""
+        """Record a ConfigMap, Service or Job (the trainer's or the preflight's); returns the key of
+        the FineTuneJob it belongs to."""
         key = owner_key(body)
         if key is None:
             return None
+        slot = slot_of(kind, body)
         with self._lock:
-            held_by_key = self._children[kind]
+            held_by_key = self._children[slot]
             held = held_by_key.get(key)
             if event == DELETED:
                 # Only forget the child we hold: a deleted old one must not hide its successor.
                 if held is not None and held["metadata"].get("uid") == body["metadata"].get("uid"):
                     del held_by_key[key]
             elif held is None or held["metadata"].get("uid") != body["metadata"].get("uid") or _newer(body, held):
-                held_by_key[key] = {"kind": kind, **CHILD_TRIMS[kind](body)}
+                held_by_key[key] = {"kind": kind, **CHILD_TRIMS[slot](body)}
         return key
 
     def child(self, kind: str, key: str) -> dict[str, Any] | None:
@@ -156,6 +170,9 @@ class WatchCache:
 
     def job(self, key: str) -> dict[str, Any] | None:
         return self.child("Job", key)
+
+    def preflight_job(self, key: str) -> dict[str, Any] | None:
+        return self.child(PREFLIGHT_JOB, key)
 
     def put_pod(self, body: dict[str, Any], event: str | None = None) -> str | None:
         key = owner_key(body)

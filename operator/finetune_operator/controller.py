@@ -28,7 +28,7 @@ from finetune_api.status import FineTuneJobStatus
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import builders, kueue, policy, spec_edits
+from . import builders, kueue, policy, preflight, spec_edits
 from . import status_rules as status
 from .cache import WatchCache, key_of
 from .k8s import ChildConflict, Kube, api_error_text
@@ -83,7 +83,8 @@ class Controller:
         self.kube = kube
         self.settings = settings
         self.metrics = metrics
-        self.options = builders.BuildOptions(settings.trainer_image, settings.propagate_prefixes, settings.pod_defaults)
+        self.options = builders.BuildOptions(settings.trainer_image, settings.propagate_prefixes, settings.pod_defaults,
+                                             settings.preflight)
         self.policy = settings.policy()
         # Weak: a lock lives while someone holds or waits on it, so deleted jobs leave nothing behind
         # and no reconcile can lose its lock to a clean-up while it runs.
@@ -253,6 +254,13 @@ class Controller:
         if isinstance(spec, ManifestError):
             self._write(body, prev, status.invalid_spec_status(prev, spec.lines, _generation(body)), key)
             return
+        base = prev
+        if preflight.needed(builders.wants_preflight(spec), prev, self._child("Job", key, body) is not None):
+            checked = self._preflight(body, key, spec, prev)
+            if not status.is_true(checked, c.ConditionType.DATA_CHECKED):
+                self._write(body, prev, checked, key)  # running (Unknown), or failed (False): no GPU Job
+                return
+            base = checked  # passed: the GPU Job now, and the status says both
         applied = self._apply(body, key, spec, prev, full)
         if applied is None:
             return  # the FineTuneJob is gone
@@ -260,7 +268,7 @@ class Controller:
         seen = self._observe(body, key, spec, job, prev, periodic)
         if seen is None:
             return  # a quiet resync pass: nothing moved
-        decision = status.decide(name, spec, prev, seen)
+        decision = status.decide(name, spec, base, seen)
         if decision.restart is not None:
             self._restart(body, key, seen, decision.restart)
         self._write(body, prev, decision.status, key)
@@ -336,8 +344,10 @@ class Controller:
         The whole children are built only when one is to be created: every resync pass comes here
         for each live job, and only the fields that may change are compared (from the cache)."""
         missing = [kind for kind in CHILD_KINDS if self._child(kind, key, body) is None]
+        # A status without jobName was written while the preflight ran: its Job is new, not missing.
+        had_job = prev is not None and prev.job_name is not None
         if full or missing:
-            if prev is not None and not full:
+            if had_job and not full:
                 # A job that had children lost one, or the cache trails a deletion: ask the API
                 # before re-creating anything (children of a deleted owner would be garbage).
                 namespace, name = key.split("/", 1)
@@ -347,7 +357,7 @@ class Controller:
                     return None
                 body = fetched
             wanted = builders.build_children(builders.Owner.from_body(body), spec, self.options)
-            self._create_children(body, key, wanted, created_before=prev is not None)
+            self._create_children(body, key, wanted, created_before=had_job)
         job = self._child("Job", key, body)
         assert job is not None  # _create_children cached it
         job = self._sync(key, job, spec_edits.job_patch(job, spec, builders.desired_suspend(spec, creating=False)))
@@ -359,6 +369,22 @@ class Controller:
                 self._sync(key, service, {"spec": {"selector": want}})
         self._apply_spec_edit(body, key, spec, job)
         return body, job
+
+    def _preflight(self, body: dict[str, Any], key: str, spec: FineTuneJobSpec,
+                   prev: FineTuneJobStatus | None) -> FineTuneJobStatus:
+        """Before the GPU Job: make the spec ConfigMap and the preflight Job exist, and read its
+        verdict (preflight.outcome) into the status."""
+        owner = builders.Owner.from_body(body)
+        read_first = prev is not None  # a job seen before probably has them
+        if self._child("ConfigMap", key, body) is None:
+            config_map, _ = self.kube.ensure(builders.build_config_map(owner, spec), read_first=read_first)
+            self.cache.put_child("ConfigMap", config_map)
+        job = self.cache.preflight_job(key)
+        if job is None or not _owned_by(job, owner.uid):
+            job, _ = self.kube.ensure(builders.build_preflight_job(owner, spec, self.options), read_first=read_first)
+            self.cache.put_child("Job", job)
+        pods = self.cache.pods(key)
+        return preflight.apply(prev, preflight.outcome(job, pods), owner.name, status.now_utc(), _generation(body))
 
     def _spec_digest(self, key: str, body: dict[str, Any], spec: FineTuneJobSpec) -> str:
         version = (str(body["metadata"].get("uid")), body["metadata"].get("generation"))

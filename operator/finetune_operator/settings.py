@@ -15,7 +15,7 @@ from finetune_api.constants import (
     OPERATOR_METRICS_PORT,
 )
 
-from .builders import CACHE_SCOPES, ModelCache, PodDefaults, check_quantity
+from .builders import CACHE_SCOPES, GpuMemory, ModelCache, PodDefaults, PreflightOptions, check_quantity
 from .policy import DEFAULT_NODE_SELECTOR_KEYS, DEFAULT_TOLERATION_KEYS, Policy
 
 ENV_PREFIX = "FINETUNE_OPERATOR_"
@@ -54,6 +54,8 @@ class Settings:
     allowed_node_selector_keys: tuple[str, ...] = DEFAULT_NODE_SELECTOR_KEYS
     # Trainer pod defaults: requests per GPU, emptyDir sizes, credentials as files.
     pod_defaults: PodDefaults = field(default_factory=PodDefaults)
+    # The preflight pod (spec.preflight) and the GPU memory of each node pool its plan is checked against.
+    preflight: PreflightOptions = field(default_factory=PreflightOptions)
 
     def policy(self) -> Policy:
         return Policy(
@@ -173,7 +175,44 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                     help="Budget of the cache (e.g. 500Gi); least recently used entries are evicted beyond it.")
     mc.add_argument("--model-cache-scope", choices=CACHE_SCOPES, default=_env(env, "MODEL_CACHE_SCOPE", "namespace"),
                     help="namespace: each namespace sees only its own entries (default); cluster: all share them.")
+    pf = p.add_argument_group("preflight", "The CPU pod that checks a job's data and memory plan before its GPU Job "
+                              "(spec.preflight).")
+    d2 = PreflightOptions()
+    for flag, default, what in (
+        ("cpu", d2.cpu, "CPU request of the preflight pod."),
+        ("memory", d2.memory, "Memory request of the preflight pod."),
+        ("memory-limit", d2.memory_limit, "Memory limit of the preflight pod."),
+        ("scratch-size", d2.scratch_size, "sizeLimit of its /scratch (downloaded data) and its ephemeral-storage request."),
+    ):
+        pf.add_argument(f"--preflight-{flag}", type=_quantity,
+                        default=_env(env, "PREFLIGHT_" + flag.upper().replace("-", "_"), default), help=what)
+    pf.add_argument("--preflight-timeout", type=int,
+                    default=int(_env(env, "PREFLIGHT_TIMEOUT", str(d2.timeout_seconds)) or d2.timeout_seconds),
+                    help="Seconds the preflight Job may take (also waiting to be scheduled) before the job fails "
+                    "with PreflightFailed.")
+    pf.add_argument("--preflight-gpu-memory", type=_gpu_memory, default=_gpu_memory(_env(env, "PREFLIGHT_GPU_MEMORY", "")),
+                    help="GPU memory per node pool, checked against the memory plan: comma-separated "
+                    "PRODUCT=SIZE, PRODUCT being the nvidia.com/gpu.product label value a job's nodeSelector names, "
+                    "and default=SIZE for the others (e.g. NVIDIA-H200=141Gi,NVIDIA-A100-SXM4-40GB=40Gi,default=80Gi). "
+                    "A nodeSelector on nvidia.com/gpu.memory (MiB) is used as given. Without a size the plan is "
+                    "reported without a verdict.")
     return p
+
+
+def _gpu_memory(value: str | None) -> GpuMemory:
+    """PRODUCT=SIZE,...,default=SIZE -> GpuMemory; argparse's error for anything else."""
+    by_product: list[tuple[str, str]] = []
+    default = None
+    for item in _split(value):
+        product, sep, size = item.partition("=")
+        if not sep or not product.strip():
+            raise argparse.ArgumentTypeError(f"{item!r}: expected PRODUCT=SIZE or default=SIZE (e.g. NVIDIA-H200=141Gi)")
+        size = _quantity(size.strip())
+        if product.strip() == "default":
+            default = size
+        else:
+            by_product.append((product.strip(), size))
+    return GpuMemory(by_product=tuple(by_product), default=default)
 
 
 _UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -220,6 +259,14 @@ def parse_settings(argv: list[str], env: Mapping[str, str] | None = None) -> Set
             credentials_as_files=bool(args.credentials_as_files),
             network_policy=bool(args.trainer_network_policy),
             model_cache=_model_cache(args),
+        ),
+        preflight=PreflightOptions(
+            cpu=args.preflight_cpu,
+            memory=args.preflight_memory,
+            memory_limit=args.preflight_memory_limit,
+            scratch_size=args.preflight_scratch_size,
+            timeout_seconds=args.preflight_timeout,
+            gpu_memory=args.preflight_gpu_memory,
         ),
     )
 

@@ -80,14 +80,15 @@ class Observed:
 def set_condition(
     conditions: list[Condition],
     type_: str,
-    status: bool,
+    status: bool | None,
     reason: str,
     message: str,
     now: datetime,
     generation: int | None,
 ) -> None:
-    """Insert or update a condition; lastTransitionTime moves only when the status flips."""
-    value = "True" if status else "False"
+    """Insert or update a condition (status None: Unknown); lastTransitionTime moves only when the
+    status flips."""
+    value = "Unknown" if status is None else "True" if status else "False"
     for i, cond in enumerate(conditions):
         if cond.type == type_:
             changed = cond.status != value
@@ -549,6 +550,12 @@ def milestones(prev: FineTuneJobStatus | None, new: FineTuneJobStatus) -> list[M
             return None  # False from the start is not news
         return after
 
+    # The preflight: started (DataChecked appears Unknown), passed; its failure is the Failed milestone.
+    checked_before, checked = get_condition(prev, ConditionType.DATA_CHECKED), get_condition(new, ConditionType.DATA_CHECKED)
+    if checked is not None and checked.status == "Unknown" and checked_before is None:
+        out.append(Milestone("Normal", Reason.CHECKING_DATA, checked.message))
+    if (cond := became(ConditionType.DATA_CHECKED)) is not None:
+        out.append(Milestone("Normal", Reason.DATA_VALID, cond.message))
     if (cond := became(ConditionType.CREATED)) is not None:
         out.append(Milestone("Normal", Reason.CREATED, cond.message))
     if (cond := became(ConditionType.SUSPENDED)) is not None:

@@ -16,6 +16,9 @@ def job_manifest(name: str, namespace: str = "default", **spec_overrides: Any) -
         "hyperparameters": {"maxSteps": 20},
         "resources": {"gpusPerNode": 1, "cpu": "2", "memory": "4Gi"},
         "output": {"uri": "s3://out/run-1", "credentialsSecret": {"name": "s3-creds"}},
+        # The preflight (on by default) reads real data; these jobs name none and test other things.
+        # Its own tests pass preflight={"enabled": True} (tests/operator/test_operator_preflight*.py).
+        "preflight": {"enabled": False},
     }
     for key, value in spec_overrides.items():
         if isinstance(value, dict) and isinstance(spec.get(key), dict):
