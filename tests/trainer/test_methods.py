@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from finetune_trainer.models import keep_4bit_layout_on_cpu
 from harness.trainer_runs import LORA_FAMILY, METHODS, QUANT
 
 METHOD_NAMES = list(METHODS)
@@ -41,7 +42,10 @@ def _load_base(spec: Any, name: str) -> Any:
         )
     elif name == "qlora8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(spec.model.uri, dtype=torch.float32, **kwargs)
+    base = AutoModelForCausalLM.from_pretrained(spec.model.uri, dtype=torch.float32, **kwargs)
+    # The tiny model's rows are shorter than bitsandbytes' CPU inference block (AVX512-BF16 CPUs).
+    keep_4bit_layout_on_cpu(base)
+    return base
 
 
 def _reference_peft_config(name: str, tokenizer_dir: Path) -> Any:

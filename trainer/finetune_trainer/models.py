@@ -130,11 +130,25 @@ def load_model(spec: FineTuneJobSpec, precision: Precision, workdir: Path) -> Lo
     if m.quantization is not None:
         from peft import prepare_model_for_kbit_training
 
+        keep_4bit_layout_on_cpu(model)
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.hyperparameters.gradient_checkpointing
         )
     tokenizer = load_tokenizer(m, workdir, model_path=where)
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity(m, where, model))
+
+
+def keep_4bit_layout_on_cpu(model: Any) -> None:
+    """Keep bitsandbytes' 4-bit weights in their training layout on CPUs with AVX512-BF16.
+
+    On such CPUs (Sapphire Rapids and later) a `Linear4bit` forward in eval mode without grad
+    repacks its weight in place into an inference-only layout: that fails for rows shorter than
+    its block (`shape '[32, 0]' is invalid`) and leaves a repacked weight behind for the training
+    steps that follow the baseline evaluation. Training wants the one layout throughout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def identity(m: ModelSpec, where: str, model: Any) -> dict[str, Any]:
