@@ -133,6 +133,9 @@ def job_manifest(name: str, namespace: str, metrics_url: str) -> dict[str, Any]:
             # would fit 5 per fake node and leave most jobs unschedulable.
             "resources": {"gpusPerNode": 0, "cpu": "100m", "memory": "64Mi", "ephemeralStorage": "1Gi"},
             "output": {"uri": f"s3://out/{name}"},
+            # The recorded numbers measure the GPU Job's path; the preflight (a pod of its own per
+            # job) is off, as in the runs RESULTS.md records.
+            "preflight": {"enabled": False},
         },
     }
 

@@ -33,6 +33,8 @@ def queued_job(name: str, q: Queues, gpus: int, nodes: int = 1, labels: dict[str
             "resources": {"nodes": nodes, "gpusPerNode": gpus},
             "output": {"uri": f"s3://out/{name}"},
             "queueName": q.local_queue,
+            # No data here: the preflight (before the Job queues) has its own tests (tests/operator).
+            "preflight": {"enabled": False},
         },
     }
 

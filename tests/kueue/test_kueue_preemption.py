@@ -58,6 +58,8 @@ def spec(q: Queues, output: str, gpus: int) -> dict[str, Any]:
         "checkpointing": {"everySteps": MAX_STEPS, "keep": 2, "resume": "auto"},
         "output": {"uri": output, "credentialsSecret": {"name": "s3-credentials"}, "save": ["adapter"]},
         "queueName": q.local_queue,
+        # This tests preemption of the GPU Job; the preflight before it has its own tests (tests/operator).
+        "preflight": {"enabled": False},
     }
 
 
