@@ -117,6 +117,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - --trainer-network-policy
 {{- end }}
 {{- end }}
+{{- with .Values.preflight }}
+- --preflight-cpu={{ .cpu }}
+- --preflight-memory={{ .memory }}
+- --preflight-memory-limit={{ .memoryLimit }}
+- --preflight-scratch-size={{ .scratchSize }}
+- --preflight-timeout={{ .timeoutSeconds }}
+{{- $pools := list }}
+{{- range $product, $size := .gpuMemory }}
+{{- $pools = append $pools (printf "%s=%s" $product (toString $size)) }}
+{{- end }}
+- --preflight-gpu-memory={{ join "," $pools }}
+{{- end }}
 {{- range .Values.operator.extraArgs }}
 - {{ . | quote }}
 {{- end }}
