@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_api.constants import CREDENTIALS_MOUNT_DIR, Env, Phase, Reason, StorageEnv
+from finetune_api.constants import (
+    CREDENTIALS_MOUNT_DIR,
+    LABEL_COMPONENT,
+    ConditionType,
+    Env,
+    Phase,
+    Reason,
+    StorageEnv,
+)
 from finetune_trainer import storage
 from harness.cluster import STAGE_KWOK_SKIP, free_port, wait_until
 from harness.kubelet import FakeKubelet
@@ -129,7 +137,10 @@ def test_quickstart_from_kubectl_apply_to_adapter_in_minio(
     assert status["phase"] == Phase.SUCCEEDED, (
         f"{json.dumps(status, indent=1)}\n{logs}\n{operator_process.log_tail()}"
     )
-    assert list(kubelet.handled.values()) == [0]
+    # The preflight pod (spec.preflight is on by default) passed first, then the trainer ran.
+    assert list(kubelet.handled.values()) == [0, 0]
+    assert status["dataCheck"]["rows"] > 0 and status["dataCheck"]["tokens"] > status["dataCheck"]["rows"]
+    assert any(x["type"] == ConditionType.DATA_CHECKED and x["status"] == "True" for x in status["conditions"])
 
     out = example()["spec"]["output"]["uri"]
     artifact = status["artifact"]
@@ -178,8 +189,11 @@ def test_wrong_credentials_fail_the_job_once_naming_the_uri(
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True"
     assert "s3://finetune-quickstart/" in failed["message"], failed
-    # Exit 42 fails the Job through its podFailurePolicy: one pod, no retries.
+    # The preflight reads the data with the same credentials: its exit 42 fails the job before any
+    # GPU pod exists (one pod, no retries).
     assert list(kubelet.handled.values()) == [42]
+    assert [p["metadata"]["labels"][LABEL_COMPONENT] for p in cluster.get_json("pods", "-n", namespace)["items"]] == [
+        "preflight"]
     pods = cluster.get_json("pods", "-n", namespace)["items"]
     assert len(pods) == 1
     assert failed["reason"] in (Reason.PERMANENT_ERROR, Reason.STORAGE_ERROR), failed
@@ -208,7 +222,9 @@ def test_credentials_mounted_as_files_reach_the_trainer(
         assert status["phase"] == Phase.SUCCEEDED, f"{json.dumps(status, indent=1)}\n{logs}\n{op.log_tail()}"
         assert storage.verify(example()["spec"]["output"]["uri"]).files
 
-        (pod,) = cluster.get_json("pods", "-n", namespace)["items"]
+        # The trainer's pod (the preflight's, before it, gets the same credentials volume).
+        (pod,) = [p for p in cluster.get_json("pods", "-n", namespace)["items"]
+                  if p["metadata"]["labels"][LABEL_COMPONENT] == "trainer"]
         (container,) = pod["spec"]["containers"]
         assert not any(e.get("valueFrom", {}).get("secretKeyRef") for e in container["env"])
         assert not {e["name"] for e in container["env"]} & set(StorageEnv.ALL)
