@@ -34,3 +34,27 @@ def test_preflight_reads_s3_data_and_only_the_models_config_and_tokenizer(
     fetched = {p.name for p in (tmp_path / "work").rglob("*") if p.is_file()}
     assert "config.json" in fetched and "tokenizer.json" in fetched
     assert not any(name.endswith(".safetensors") for name in fetched), fetched
+
+
+def test_a_bad_row_in_s3_data_is_named_by_its_object_uri_not_the_local_copy(
+        minio_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, make_spec: Callable[..., dict[str, Any]],
+        tiny_model_dir: Path, toy_data_dir: Path, tmp_path: Path) -> None:
+    for key, value in minio_env.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    fs, _ = storage.resolve(f"s3://{bucket}")
+    fs.mkdir(bucket)
+    fs.put(str(tiny_model_dir), f"{bucket}/models/tiny", recursive=True)
+    fs.put_file(str(toy_data_dir / "prompt_completion.jsonl"), f"{bucket}/data/part-0.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a?", "completion": " b"}\n{"prompt": "c?", "completion": null}\n', encoding="utf-8")
+    fs.put_file(str(bad), f"{bucket}/data/part-1.jsonl")
+    for train, named in ((f"s3://{bucket}/data/*.jsonl", f"s3://{bucket}/data/part-1.jsonl"),
+                         (f"s3://{bucket}/data/part-1.jsonl", f"s3://{bucket}/data/part-1.jsonl"),
+                         (f"s3://{bucket}/data/", f"s3://{bucket}/data/part-1.jsonl")):
+        spec = parse_spec(make_spec(f"s3://{bucket}/out", model={"uri": f"s3://{bucket}/models/tiny"},
+                                    dataset={"train": train, "format": "prompt_completion"}))
+        report = preflight.run(spec, tmp_path / "work")
+        assert report.errors and report.errors[0].startswith(f"{named}: line 2: "), report.errors
+        assert "'completion'" in report.errors[0]
+        assert str(tmp_path) not in report.errors[0]

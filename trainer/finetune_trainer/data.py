@@ -235,13 +235,24 @@ def iter_rows(uri: str, workdir: Path) -> Iterator[Row]:
     if pattern is None and is_saved_dataset(path):
         yield from _read_saved(path)
         return
-    for f in _files(path, uri, pattern):
-        empty = True
-        for row in READERS[SUFFIXES[f.suffix.lower()]](f):
-            empty = False
-            yield row
-        if empty:
-            raise DataError(f"{f}: empty file: no records")
+    # Remote data is read from a local copy; messages name the object the user gave, not the copy.
+    local, shown = str(path), base.rstrip("/") if uris.is_remote(base) else str(path)
+
+    def named(text: str) -> str:
+        return text.replace(local, shown, 1) if local != shown else text
+
+    try:
+        for f in _files(path, uri, pattern):
+            empty = True
+            for row in READERS[SUFFIXES[f.suffix.lower()]](f):
+                empty = False
+                yield Row(named(row.where), row.values) if local != shown else row
+            if empty:
+                raise DataError(f"{f}: empty file: no records")
+    except DataError as exc:
+        if local == shown:
+            raise
+        raise DataError(named(str(exc))) from None
 
 
 def read_rows(uri: str, workdir: Path, limit: int | None = None) -> list[Row]:
