@@ -1,0 +1,137 @@
+"""The preflight on the test cluster, through a real preflight pod: the operator's Job runs
+`finetune preflight` (the fake kubelet runs the pod with the venv's `finetune`) on data in MinIO.
+A bad dataset fails the FineTuneJob before any GPU Job or pod exists; a good one passes, lands in
+status, and only then is the GPU Job created, and it runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from finetune_api import constants as c
+from finetune_trainer import storage
+from harness.cluster import STAGE_KWOK_SKIP, TestCluster, free_port, wait_until
+from harness.kubelet import FakeKubelet
+from operator_harness import METRICS_URL_ANNOTATION, OperatorProcess, children, condition, events, wait_phase
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+VENV_BIN = str(Path(sys.executable).parent)
+BUCKET = "preflight-e2e"
+MODEL = f"s3://{BUCKET}/models/tiny-llama"
+SECRET = "s3-credentials"
+
+
+@pytest.fixture
+def inputs(minio_env: dict[str, str], tiny_model_dir: Path, toy_data_dir: Path, tmp_path: Path,
+           monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The tiny model and two datasets in MinIO: the toy data, and a file whose line 3 is cut off."""
+    for k, v in minio_env.items():
+        monkeypatch.setenv(k, v)
+    fs, _ = storage.resolve(f"s3://{BUCKET}")
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    if not fs.exists(f"{BUCKET}/models/tiny-llama/{c.MANIFEST_FILE}"):
+        storage.publish(tiny_model_dir, MODEL, kind="artifact")
+    good = f"{BUCKET}/data/good.jsonl"
+    fs.put_file(str(toy_data_dir / "prompt_completion.jsonl"), good)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a?", "completion": " b"}\n{"prompt": "c?", "completion": " d"}\n{"prompt": "e?", \n',
+                   encoding="utf-8")
+    fs.put_file(str(bad), f"{BUCKET}/data/bad.jsonl")
+    return {"good": f"s3://{good}", "bad": f"s3://{BUCKET}/data/bad.jsonl"}
+
+
+@pytest.fixture
+def preflight_operator(cluster: TestCluster, namespace: str, tmp_path: Path,
+                       minio_env: dict[str, str]) -> Iterator[OperatorProcess]:
+    cluster.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET}, "stringData": minio_env},
+                  namespace=namespace)
+    # The fake GPU nodes are H200s (harness.cluster.GPU_PRODUCT); the other pools get 80Gi.
+    op = OperatorProcess(cluster, namespace, tmp_path, "--preflight-gpu-memory", "NVIDIA-H200=141Gi,default=80Gi")
+    op.start(wait_ready=False)
+    wait_until(op.ready, 180, f"the operator to be ready (log: {op.log_path})")
+    yield op
+    op.stop()
+
+
+def manifest(name: str, train: str, metrics_port: int) -> dict[str, Any]:
+    return {
+        "apiVersion": c.API_VERSION, "kind": c.KIND,
+        # The fake kubelet runs the pods (preflight and trainer) instead of kwok.
+        "metadata": {"name": name, "labels": {STAGE_KWOK_SKIP: "true"},
+                     "annotations": {METRICS_URL_ANNOTATION: f"http://127.0.0.1:{metrics_port}/metrics"}},
+        "spec": {
+            "model": {"uri": MODEL},
+            "dataset": {"train": train, "format": "prompt_completion", "maxSeqLength": 64, "validationSplit": 0.25},
+            "method": {"type": "lora", "lora": {"r": 8, "alpha": 16}},
+            "hyperparameters": {"maxSteps": 2, "batchSize": 4},
+            "resources": {"gpusPerNode": 1, "nodeSelector": {c.GPU_PRODUCT_LABEL: "NVIDIA-H200"}},
+            "evaluation": {"baseline": False},
+            "output": {"uri": f"s3://{BUCKET}/out/{name}", "credentialsSecret": {"name": SECRET}},
+        },
+    }
+
+
+def jobs(cluster: TestCluster, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+    return {j["metadata"]["name"]: j for j in children(cluster, namespace, name, "jobs")}
+
+
+def test_bad_data_fails_the_job_before_any_gpu_job_or_pod_exists(
+    cluster: TestCluster, namespace: str, k8s_client: Any, inputs: dict[str, str],
+    preflight_operator: OperatorProcess, tmp_path: Path,
+) -> None:
+    port = free_port()
+    with FakeKubelet(k8s_client, namespace, tmp_path / "kubelet", path=[VENV_BIN],
+                     extra_env={"OMP_NUM_THREADS": "1", c.Env.METRICS_PORT: str(port)}) as kubelet:
+        cluster.apply(manifest("bad", inputs["bad"], port), namespace=namespace)
+        status = wait_phase(cluster, namespace, "bad", c.Phase.FAILED, timeout=300, op=preflight_operator)
+        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in kubelet.logs.values())
+    failed = condition(status, c.ConditionType.FAILED)
+    assert failed is not None and failed["reason"] == c.Reason.INVALID_DATA, f"{json.dumps(status, indent=1)}\n{logs}"
+    # The loader's one line: the file, the line, what was wrong.
+    assert failed["message"].startswith(f"{inputs['bad']}: line 3"), failed
+    checked = condition(status, c.ConditionType.DATA_CHECKED)
+    assert checked is not None and (checked["status"], checked["reason"]) == ("False", c.Reason.INVALID_DATA)
+    # One pod ran, the preflight's, with its exit code 42; no GPU Job was ever made.
+    assert list(kubelet.handled.values()) == [c.ExitCode.PERMANENT]
+    assert set(jobs(cluster, namespace, "bad")) == {"bad-preflight"}
+    pods = children(cluster, namespace, "bad", "pods")
+    assert [p["metadata"]["labels"][c.LABEL_COMPONENT] for p in pods] == ["preflight"]
+    assert not any(c.GPU_RESOURCE in json.dumps(ct.get("resources")) for p in pods for ct in p["spec"]["containers"])
+    told = [(e["type"], e["reason"]) for e in events(cluster, namespace, "bad")]
+    assert ("Normal", c.Reason.CHECKING_DATA) in told and ("Warning", c.Reason.INVALID_DATA) in told, told
+    assert "jobName" not in status
+
+
+def test_good_data_passes_lands_in_status_and_then_the_gpu_job_runs(
+    cluster: TestCluster, namespace: str, k8s_client: Any, inputs: dict[str, str],
+    preflight_operator: OperatorProcess, tmp_path: Path,
+) -> None:
+    port = free_port()
+    with FakeKubelet(k8s_client, namespace, tmp_path / "kubelet", path=[VENV_BIN],
+                     extra_env={"OMP_NUM_THREADS": "1", c.Env.METRICS_PORT: str(port)}) as kubelet:
+        cluster.apply(manifest("good", inputs["good"], port), namespace=namespace)
+        status = wait_phase(cluster, namespace, "good", c.Phase.SUCCEEDED, timeout=600, op=preflight_operator)
+        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in kubelet.logs.values())
+    checked = condition(status, c.ConditionType.DATA_CHECKED)
+    assert checked is not None and (checked["status"], checked["reason"]) == ("True", c.Reason.DATA_VALID), logs
+    check = status["dataCheck"]
+    assert check["rows"] == 48 and check["tokens"] > 48 and check["truncatedShare"] == 0
+    # Checked against the H200 pool's memory the operator was given; a tiny model fits with room.
+    assert check["gpuMemoryBytes"] == 141 * 2**30 and 0 < check["memoryPerGpuBytes"] < check["gpuMemoryBytes"]
+    assert check["largestBatch"] >= 4
+    # The preflight pod ran first, then the GPU Job's pod: both exited 0.
+    assert list(kubelet.handled.values()) == [0, 0], logs
+    pods = sorted(children(cluster, namespace, "good", "pods"), key=lambda p: p["metadata"]["creationTimestamp"])
+    assert [p["metadata"]["labels"][c.LABEL_COMPONENT] for p in pods] == ["preflight", "trainer"]
+    preflight_done = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"]
+    assert pods[1]["metadata"]["creationTimestamp"] >= preflight_done
+    assert set(jobs(cluster, namespace, "good")) == {"good-preflight", "good"} and status["jobName"] == "good"
+    told = [e["reason"] for e in events(cluster, namespace, "good")]
+    assert told.index(c.Reason.CHECKING_DATA) < told.index(c.Reason.DATA_VALID) < told.index(c.Reason.CREATED), told
+    assert status["artifact"]["uri"] == f"s3://{BUCKET}/out/good"
