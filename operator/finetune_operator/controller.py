@@ -347,7 +347,7 @@ class Controller:
         # A status without jobName was written while the preflight ran: its Job is new, not missing.
         had_job = prev is not None and prev.job_name is not None
         if full or missing:
-            if had_job and not full:
+            if prev is not None and not full:
                 # A job that had children lost one, or the cache trails a deletion: ask the API
                 # before re-creating anything (children of a deleted owner would be garbage).
                 namespace, name = key.split("/", 1)
