@@ -29,8 +29,8 @@ DEFAULT_TOLERATION_KEYS = (c.GPU_RESOURCE,)
 #: Node labels a job may select on unless the platform says otherwise: GPU model and memory
 #: (NVIDIA GPU feature discovery), instance type and topology.
 DEFAULT_NODE_SELECTOR_KEYS = (
-    "nvidia.com/gpu.product",
-    "nvidia.com/gpu.memory",
+    c.GPU_PRODUCT_LABEL,
+    c.GPU_MEMORY_LABEL,
     "node.kubernetes.io/instance-type",
     "topology.kubernetes.io/region",
     "topology.kubernetes.io/zone",
