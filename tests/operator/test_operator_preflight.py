@@ -233,3 +233,14 @@ def test_gpu_memory_setting_parses_products_and_a_default_and_refuses_the_rest(
         with pytest.raises(SystemExit):
             parse_settings(["--preflight-gpu-memory", bad], env={})
         assert "--preflight-gpu-memory" in capsys.readouterr().err
+
+
+def test_a_suspended_job_is_checked_first_and_its_gpu_job_is_created_suspended() -> None:
+    ctl, kube = controller_for(suspend=True)
+    ctl.reconcile("ns", "tune", full=True)
+    assert kube.creates == ["ConfigMap", "Job"]
+    assert "suspend" not in kube.objects[("Job", "ns", "tune-preflight")]["spec"]  # the check itself runs
+    finish_preflight(ctl, kube, 0, said("succeeded", c.Reason.DATA_VALID, "preflight ok", rows=3, tokens=30))
+    assert kube.objects[("Job", "ns", "tune")]["spec"]["suspend"] is True
+    status = status_of(kube)
+    assert status["phase"] == c.Phase.SUSPENDED and status["dataCheck"]["rows"] == 3
