@@ -244,3 +244,21 @@ def test_a_suspended_job_is_checked_first_and_its_gpu_job_is_created_suspended()
     assert kube.objects[("Job", "ns", "tune")]["spec"]["suspend"] is True
     status = status_of(kube)
     assert status["phase"] == c.Phase.SUSPENDED and status["dataCheck"]["rows"] == 3
+
+
+def test_jobs_that_have_their_gpu_job_are_not_checked_again() -> None:
+    from finetune_api.status import FineTuneJobStatus
+
+    assert preflight.needed(True, None, has_gpu_job=False)
+    assert not preflight.needed(False, None, has_gpu_job=False)
+    # A job from before the operator ran preflights: its Job exists, or status names it.
+    assert not preflight.needed(True, None, has_gpu_job=True)
+    assert not preflight.needed(True, FineTuneJobStatus(phase="Running", job_name="tune"), has_gpu_job=False)
+    # Its GPU Job deleted by hand after the preflight passed: made again, not checked again.
+    ctl, kube = controller_for()
+    ctl.reconcile("ns", "tune", full=True)
+    finish_preflight(ctl, kube, 0, said("succeeded", c.Reason.DATA_VALID, "preflight ok", rows=3, tokens=30))
+    gpu_job = kube.objects.pop(("Job", "ns", "tune"))
+    ctl.seen_job("DELETED", gpu_job)
+    ctl.reconcile("ns", "tune")
+    assert kube.creates == ["ConfigMap", "Job", "Job", "Service", "Job"] and c.Reason.RECREATED in kube.events
