@@ -74,7 +74,8 @@ class StatusModel(BaseModel):
 class Condition(StatusModel):
     """A Kubernetes-style condition."""
 
-    type: str = Field(description="Created, Running, Succeeded, Failed, Suspended or Stalled.")
+    type: str = Field(description="Created, Running, Succeeded, Failed, Suspended, Stalled, Admitted (queued jobs) "
+                      "or DataChecked (the preflight).")
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(description="CamelCase reason, one of the named constants.")
     message: str = ""
