@@ -61,7 +61,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from finetune_api.constants import Env
+from finetune_api.constants import MANIFEST_FILE, Env
+from finetune_api.status import Manifest
 
 from . import storage
 from .errors import ConfigError
@@ -365,6 +366,12 @@ class Cache:
     def _inventory(src: Source, data: Path) -> list[dict[str, Any]]:
         """sha256 and size of every fetched file; sizes must match the listing."""
         expected = {o.path: o.size for o in src.objects}
+        # storage.fetch has just hashed every file the source's manifest lists and found them
+        # equal: take those sums instead of reading the whole model a second time.
+        verified: dict[str, str] = {}
+        manifest = data / MANIFEST_FILE
+        if not src.single and manifest.is_file():
+            verified = {f.path: f.sha256 for f in Manifest.model_validate_json(manifest.read_bytes()).files}
         files = []
         for p in sorted(q for q in data.rglob("*") if q.is_file()):
             rel = p.relative_to(data).as_posix()
@@ -373,7 +380,7 @@ class Cache:
             if want is not None and size != want:
                 raise storage.StorageError(f"{src.uri}/{rel}: downloaded {size} bytes, listed {want}",
                                            uri=src.uri, permanent=False)
-            files.append({"path": rel, "size": size, "sha256": storage.sha256_file(p)})
+            files.append({"path": rel, "size": size, "sha256": verified.get(rel) or storage.sha256_file(p)})
         return files
 
     # --- eviction ---------------------------------------------------------------------------
