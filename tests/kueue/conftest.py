@@ -48,7 +48,9 @@ def queues(kueue_cluster: KueueCluster, request: pytest.FixtureRequest) -> Itera
                30, f"the default service account in namespace {namespace}")
     q = kueue_cluster.kueue.create_queues(namespace, gpus=8)
     yield q
-    cluster.kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found", check=False)
+    # Waited for: a held pod left on a node would keep the next test's 8-GPU pod off it.
+    cluster.kubectl("delete", "namespace", namespace, "--ignore-not-found", "--timeout=120s", check=False,
+                    timeout=150)
     cluster.kubectl("delete", "clusterqueue.kueue.x-k8s.io", q.cluster_queue, "--wait=false",
                     "--ignore-not-found", check=False)
 

@@ -137,8 +137,21 @@ def test_high_priority_job_preempts_training_which_resumes_from_its_sigterm_chec
         with FakeKubelet(api, ns, tmp_path / "kubelet", path=[str(VENV_BIN)], extra_env=env) as kubelet:
             cluster.apply(low)
             first = StepWatch(metrics_url)
-            wait_status(cluster, ns, "low", lambda s: (s.get("progress") or {}).get("step", 0) >= 2,
-                        "the low-priority job to train a few steps", timeout=300, op=kueue_operator)
+
+            def training() -> bool:
+                if kubelet.errors:
+                    raise AssertionError(f"fake kubelet: {kubelet.errors}")
+                return bool((ftj_status(cluster, ns, "low").get("progress") or {}).get("step", 0) >= 2)
+
+            try:
+                wait_until(training, 300, "the low-priority job to train a few steps", interval=0.3)
+            except (AssertionError, TimeoutError) as exc:
+                pods = cluster.kubectl("get", "pods", "-n", ns, "-o", "wide").stdout
+                described = cluster.kubectl("describe", "pods", "-n", ns).stdout[-3000:]
+                logs = {n: p.read_text(errors="replace")[-1500:] for n, p in kubelet.logs.items()}
+                raise AssertionError(f"{exc}\n{json.dumps(ftj_status(cluster, ns, 'low'), indent=1)}\n{pods}\n"
+                                     f"{described}\nkubelet handled {kubelet.handled}, logs {logs}\n"
+                                     f"operator log:\n{kueue_operator.log_tail()}") from None
             job = cluster.get_json("job", "low", "-n", ns)
             assert job["metadata"]["labels"][c.KUEUE_PRIORITY_CLASS_LABEL] == LOW_PRIORITY
 
