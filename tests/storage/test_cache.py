@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from finetune_api.constants import Env
+from finetune_api.constants import Env, ExitCode
 from finetune_trainer import cache, storage
 from finetune_trainer.cache import Cache
 
@@ -310,7 +310,7 @@ def test_cli_warm_fills_ahead_and_reports(s3: str, tmp_path: Path, minio_env: di
     assert local.returncode == 2 and "only s3:// sources are cached" in local.stderr
     missing = subprocess.run([str(FINETUNE), "cache", "warm", "--dir", str(root), f"s3://{s3}/nope"],
                              env=env, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 42 and "s3://" in missing.stderr
+    assert missing.returncode == ExitCode.PERMANENT and "s3://" in missing.stderr
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from finetune_api.constants import MANIFEST_FILE, Env
+from finetune_api.constants import MANIFEST_FILE, Env, ExitCode
 from finetune_api.status import Manifest
 
 from . import storage
@@ -541,7 +541,7 @@ def main(argv: list[str]) -> int:
             print(f"{uri}: {outcome(uri)} ({path})")
     except storage.StorageError as exc:
         print(f"finetune cache {args.action}: {exc}", file=sys.stderr)
-        return 42 if exc.permanent else 1
+        return ExitCode.PERMANENT if exc.permanent else 1
     except ConfigError as exc:
         print(f"finetune cache {args.action}: {exc}", file=sys.stderr)
         return 2
