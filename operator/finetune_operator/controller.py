@@ -255,17 +255,22 @@ class Controller:
             self._write(body, prev, status.invalid_spec_status(prev, spec.lines, _generation(body)), key)
             return
         base = prev
-        if preflight.needed(builders.wants_preflight(spec), prev, self._child("Job", key, body) is not None):
-            checked = self._preflight(body, key, spec, prev)
-            if not status.is_true(checked, c.ConditionType.DATA_CHECKED):
+        # Also with a GPU Job but a status that does not say so yet (an operator stopped between
+        # creating it and writing the status): the passed preflight's summary still lands in status.
+        has_gpu_job = self._child("Job", key, body) is not None
+        if preflight.needed(builders.wants_preflight(spec), prev, has_gpu_job=False):
+            checked = self._preflight(body, key, spec, prev, create=not has_gpu_job)
+            if status.is_true(checked, c.ConditionType.DATA_CHECKED):
+                base = checked  # passed: the GPU Job now, and the status says both
+            elif not has_gpu_job:
                 self._write(body, prev, checked, key)  # running (Unknown), or failed (False): no GPU Job
                 return
-            base = checked  # passed: the GPU Job now, and the status says both
         applied = self._apply(body, key, spec, prev, full)
         if applied is None:
             return  # the FineTuneJob is gone
         body, job = applied
-        seen = self._observe(body, key, spec, job, prev, periodic)
+        # A preflight that passed in this pass changes the status even when no trainer runs yet.
+        seen = self._observe(body, key, spec, job, prev, periodic and base is prev)
         if seen is None:
             return  # a quiet resync pass: nothing moved
         decision = status.decide(name, spec, base, seen)
@@ -371,10 +376,17 @@ class Controller:
         return body, job
 
     def _preflight(self, body: dict[str, Any], key: str, spec: FineTuneJobSpec,
-                   prev: FineTuneJobStatus | None) -> FineTuneJobStatus:
+                   prev: FineTuneJobStatus | None, create: bool = True) -> FineTuneJobStatus:
         """Before the GPU Job: make the spec ConfigMap and the preflight Job exist, and read its
-        verdict (preflight.outcome) into the status."""
+        verdict (preflight.outcome) into the status. `create` False: only read a preflight Job
+        that exists (prev when there is none)."""
         owner = builders.Owner.from_body(body)
+        if not create:
+            held = self.cache.preflight_job(key)
+            if held is None or not _owned_by(held, owner.uid):
+                return prev or FineTuneJobStatus()
+            return preflight.apply(prev, preflight.outcome(held, self.cache.pods(key)), owner.name,
+                                   status.now_utc(), _generation(body))
         read_first = prev is not None  # a job seen before probably has them
         if self._child("ConfigMap", key, body) is None:
             config_map, _ = self.kube.ensure(builders.build_config_map(owner, spec), read_first=read_first)

@@ -262,3 +262,38 @@ def test_jobs_that_have_their_gpu_job_are_not_checked_again() -> None:
     ctl.seen_job("DELETED", gpu_job)
     ctl.reconcile("ns", "tune")
     assert kube.creates == ["ConfigMap", "Job", "Job", "Service", "Job"] and c.Reason.RECREATED in kube.events
+
+
+def test_a_pass_seen_first_by_the_resync_or_lost_in_a_crash_still_lands_in_status() -> None:
+    ok = said("succeeded", c.Reason.DATA_VALID, "preflight ok", rows=3, tokens=30)
+    # The periodic pass sees the finished pod before the pod event's own reconcile does.
+    ctl, kube = controller_for()
+    ctl.reconcile("ns", "tune", full=True)
+    job = kube.objects[("Job", "ns", "tune-preflight")]
+    p = pod("Succeeded", 0, ok, uid=job["metadata"]["uid"])
+    p["metadata"].update(namespace="ns", resourceVersion="900")
+    ctl.seen_pod("MODIFIED", p)
+    ctl.reconcile("ns", "tune", periodic=True)
+    status = status_of(kube)
+    assert status["dataCheck"]["rows"] == 3 and status["jobName"] == "tune"
+    assert cond(status, c.ConditionType.DATA_CHECKED)["status"] == "True"
+    # The operator stopped after creating the GPU Job, before writing the status: the next
+    # reconcile writes the preflight's pass, and creates nothing again.
+    ctl, kube = controller_for()
+    ctl.reconcile("ns", "tune", full=True)
+    pending = json.loads(json.dumps(status_of(kube)))
+    finish_preflight(ctl, kube, 0, ok)
+    kube.ftjs[("ns", "tune")]["status"] = pending
+    fresh = Controller(kube, ctl.settings, OperatorMetrics())  # a new operator: its cache fills from the watches
+    fresh.seen_ftj("ADDED", json.loads(json.dumps(kube.ftjs[("ns", "tune")])))
+    for (kind, _, _), obj in list(kube.objects.items()):
+        fresh.seen_child(kind, "ADDED", obj) if kind != "Job" else fresh.seen_job("ADDED", obj)
+    job = kube.objects[("Job", "ns", "tune-preflight")]
+    p = pod("Succeeded", 0, ok, uid=job["metadata"]["uid"])
+    p["metadata"].update(namespace="ns", resourceVersion="900")
+    fresh.seen_pod("ADDED", p)
+    before = list(kube.creates)
+    fresh.reconcile("ns", "tune", full=True)
+    status = status_of(kube)
+    assert kube.creates == before and status["dataCheck"]["rows"] == 3
+    assert cond(status, c.ConditionType.DATA_CHECKED)["status"] == "True" and status["jobName"] == "tune"
