@@ -17,6 +17,8 @@ from typing import Any
 
 from finetune_api import constants as c
 
+from .builders import COMPONENT_PREFLIGHT
+
 # Kopf's bookkeeping annotations (under our group, see handlers.configure) are large and unused here.
 _KOPF_ANNOTATIONS = (f"{c.GROUP}/last-handled-configuration", "kopf.zalando.org/")
 _META_KEYS = ("name", "namespace", "uid", "generation", "resourceVersion", "labels", "annotations",
@@ -67,14 +69,12 @@ def trim_service(body: dict[str, Any]) -> dict[str, Any]:
 #: the preflight's (PREFLIGHT_JOB, told apart by its component label) and the trainer's.
 PREFLIGHT_JOB = "PreflightJob"
 CHILD_TRIMS = {"ConfigMap": trim_config_map, "Service": trim_service, "Job": trim_job, PREFLIGHT_JOB: trim_job}
-#: The component label value of the preflight's Job (builders.COMPONENT_PREFLIGHT).
-_PREFLIGHT_COMPONENT = "preflight"
 
 
 def slot_of(kind: str, body: dict[str, Any]) -> str:
     """Where the cache keeps a child: its kind, or PREFLIGHT_JOB for the preflight's Job."""
     labels = (body.get("metadata") or {}).get("labels") or {}
-    if kind == "Job" and labels.get(c.LABEL_COMPONENT) == _PREFLIGHT_COMPONENT:
+    if kind == "Job" and labels.get(c.LABEL_COMPONENT) == COMPONENT_PREFLIGHT:
         return PREFLIGHT_JOB
     return kind
 
