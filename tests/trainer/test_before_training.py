@@ -82,3 +82,26 @@ def test_nothing_asked_nothing_registered() -> None:
     trainer = FakeTrainer(deepspeed=True)
     assert base.evaluate_before_training(trainer, {}) == {}
     assert trainer.callbacks == []
+
+
+def test_in_one_process_what_training_cannot_change_runs_after_it() -> None:
+    calls: list[str] = []
+    trainer = FakeTrainer()
+    results = base.evaluate_before_training(trainer, evaluations(calls), after_training=("base",))
+    assert calls == ["earlier"] and results == {"earlier": {"evalLoss": 1.0}}  # not before the first step
+    trainer.train()
+    assert results.finish() is results
+    assert calls == ["earlier", "base"]
+    assert results == {"earlier": {"evalLoss": 1.0}, "base": {"evalLoss": 2.0}}
+    results.finish()  # once only
+    assert calls == ["earlier", "base"]
+
+
+def test_in_a_distributed_run_after_training_keeps_its_place_at_train_begin() -> None:
+    calls: list[str] = []
+    trainer = FakeTrainer(world_size=2)
+    results = base.evaluate_before_training(trainer, evaluations(calls), after_training=("base",))
+    trainer.train()
+    assert calls == ["base", "earlier"]
+    results.finish()
+    assert calls == ["base", "earlier"]

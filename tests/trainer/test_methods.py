@@ -148,3 +148,27 @@ def test_adalora_really_reallocates_ranks(trained: Any) -> None:
     # The masks are applied to the trained weights: pruned singular values are zero.
     zeros = sum(int((m.lora_E["default"] == 0).sum()) for m in model.modules() if hasattr(m, "lora_E") and "default" in m.lora_E)
     assert zeros == sum(8 - r for r in ranks.values())
+
+
+@pytest.mark.parametrize("name", ["lora", "prefix"])
+def test_base_scored_after_training_equals_base_scored_before(trained: Any, name: str, tmp_path: Path) -> None:
+    """With a PEFT method the base evaluation runs after train() (adapter disabled) so that it
+    does not delay the first step: its figures are those of the same evaluation before training."""
+    from finetune_trainer.recipes import RecipeContext, sft
+
+    spec, result = trained(name)
+    after = result.metrics["base"]
+    history = result.recipe.trainer.state.log_history
+    scored = [i for i, h in enumerate(history) if "base_loss" in h]
+    steps = [i for i, h in enumerate(history) if "loss" in h]
+    assert len(scored) == 1 and scored[0] > steps[-1], "the base was scored before the first step"
+    ctx = RecipeContext(spec=spec, output_uri=spec.output.uri, workdir=tmp_path, stage=tmp_path / "stage",
+                        progress=False)
+    s = sft.setup(ctx)
+    trainer = sft.build_trainer(ctx, s)
+    before = sft.evaluate(s, trainer, base=True)  # untrained: what the run scored before this change
+    assert set(before) == set(after)
+    for key in before:
+        assert after[key] == pytest.approx(before[key], rel=1e-6, abs=0), key
+    # And the base is not the tuned model: the figure is not the tuned one scored twice.
+    assert result.metrics["tuned"]["evalLoss"] < after["evalLoss"]

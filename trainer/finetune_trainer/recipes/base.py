@@ -125,6 +125,22 @@ def causal_lm_base(ctx: RecipeContext, precision: config.Precision) -> Callable[
     return load
 
 
+class BeforeTraining(dict[str, Any]):
+    """name -> result of the evaluations of the starting weights (see evaluate_before_training);
+    `finish()` runs, after train(), the ones that were left for then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after: dict[str, Callable[[], Any]] = {}
+
+    def finish(self) -> BeforeTraining:
+        """Run the evaluations left for after train() (call it once train() has returned)."""
+        for name, evaluate in self.after.items():
+            self[name] = evaluate()
+        self.after = {}
+        return self
+
+
 def evaluate_baseline(
     spec: FineTuneJobSpec,
     trainer: Any,
@@ -132,21 +148,24 @@ def evaluate_baseline(
     *,
     more: dict[str, Callable[[], Any]] | None = None,
     survive_resume: Collection[str] = (),
-) -> dict[str, Any]:
-    """The one baseline evaluation of every recipe, before training (now, or once train() has
-    wrapped the model: see evaluate_before_training): `evaluate_base()`, the recipe's
-    `evaluate(s, trainer, base=True)`, as "base" when evaluation.baseline is on, and `more`
-    evaluations of the starting weights."""
+    after_training: Collection[str] = (),
+) -> BeforeTraining:
+    """The one baseline evaluation of every recipe, before training (now, once train() has
+    wrapped the model, or after train() for names in `after_training`: see
+    evaluate_before_training): `evaluate_base()`, the recipe's `evaluate(s, trainer, base=True)`,
+    as "base" when evaluation.baseline is on, and `more` evaluations of the starting weights."""
     evaluations: dict[str, Callable[[], Any]] = {}
     if spec.evaluation.baseline:
         evaluations["base"] = evaluate_base
     evaluations.update(more or {})
-    return evaluate_before_training(trainer, evaluations, survive_resume=survive_resume)
+    return evaluate_before_training(trainer, evaluations, survive_resume=survive_resume,
+                                    after_training=after_training)
 
 
 def evaluate_before_training(
-    trainer: Any, evaluations: dict[str, Callable[[], Any]], *, survive_resume: Collection[str] = ()
-) -> dict[str, Any]:
+    trainer: Any, evaluations: dict[str, Callable[[], Any]], *, survive_resume: Collection[str] = (),
+    after_training: Collection[str] = (),
+) -> BeforeTraining:
     """Run `evaluations` (name -> function) on the model as it is before training; name -> result.
 
     transformers 5.24 with accelerate 1.15 cannot evaluate before `train()` in a distributed run,
@@ -170,13 +189,22 @@ def evaluate_before_training(
     an evaluation of the starting weights is skipped (logged), unless its name is in
     `survive_resume` (e.g. the base model with the PEFT adapter disabled, which no checkpoint
     changes).
+
+    Names in `after_training` are evaluations that training cannot change either (the base with
+    the PEFT adapter disabled, scored deterministically, e.g. a held-out loss): in one process
+    they are left for `finish()` after train(), so they do not delay the first optimizer step
+    (the same numbers; tests/trainer/test_methods.py compares them). In a distributed run they
+    keep their place at on_train_begin.
     """
-    results: dict[str, Any] = {}
+    results = BeforeTraining()
     if not evaluations:
         return results
     if not deferred(trainer):
         for name, evaluate in evaluations.items():
-            results[name] = evaluate()
+            if name in after_training:
+                results.after[name] = evaluate
+            else:
+                results[name] = evaluate()
         return results
     trainer.add_callback(_EvaluateAtTrainBegin(evaluations, results, frozenset(survive_resume)))
     return results

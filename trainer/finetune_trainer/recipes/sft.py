@@ -3,8 +3,8 @@
 setup: model + tokenizer, tokenized data with loss masks, the method's PEFT wrapper.
 train: SFTTrainer with settings from config.py; the base model is evaluated first (held-out
        loss, and answers to held-out prompts when evaluation.metrics asks for generation metrics;
-       in a distributed run the loss once train() has wrapped the model, see
-       base.evaluate_before_training).
+       in a distributed run the loss once train() has wrapped the model; with a PEFT method in
+       one process the loss after train(), adapter disabled; see base.evaluate_before_training).
 save:  adapter or full model + tokenizer (+ merged/), and the metrics for metrics.json.
 """
 
@@ -102,12 +102,16 @@ def run(ctx: RecipeContext) -> RecipeResult:
     more: dict[str, Any] = {}
     if s.continual.earlier_eval is not None:  # objective.continual with replay: forgetting is measured
         more["earlier"] = lambda: continual.earlier_loss(trainer, s.continual)
-    # With a PEFT method the base is the model with its adapter disabled: no checkpoint changes it.
+    # With a PEFT method the base is the model with its adapter disabled: no checkpoint and no
+    # step changes it, and its held-out loss is deterministic, so in one process it is scored
+    # after train() (the same numbers) instead of delaying the first step.
     peft = hasattr(trainer.model, "disable_adapter")
     before = base.evaluate_baseline(s.spec, trainer, lambda: evaluate(s, trainer, base=True), more=more,
-                                    survive_resume=("base",) if peft else ())
+                                    survive_resume=("base",) if peft else (),
+                                    after_training=("base",) if peft else ())
     gen.answer_base(trainer.model)
     train_output = trainer.train(resume_from_checkpoint=base.resume_from(ctx, s.spec))
+    before.finish()
     if "base" in before:
         metrics["base"] = before["base"]
     summary: StatusMetrics = {}
