@@ -564,7 +564,10 @@ SaveKind = Literal["adapter", "merged"]
 class OutputSpec(ApiModel):
     """Where the artifact goes, and what it contains."""
 
-    uri: OutputUri = Field(description="s3://, file://, local path or pvc:// prefix of the artifact and checkpoints.")
+    uri: OutputUri = Field(
+        description="s3:// or pvc:// prefix of the artifact and checkpoints; file:// and local paths only for "
+        "finetune run on one machine (in a pod they would be deleted with it)."
+    )
     credentials_secret: SecretRef | None = Field(
         None,
         description="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optional AWS_ENDPOINT_URL, "
