@@ -22,6 +22,7 @@ import pytest
 from finetune_api.constants import Env, ExitCode
 from finetune_trainer import cache, storage
 from finetune_trainer.cache import Cache
+from finetune_trainer.errors import ConfigError
 
 pytestmark = pytest.mark.cluster
 
@@ -197,6 +198,57 @@ def test_damaged_entry_is_discarded_and_refetched(s3: str, tmp_path: Path, caplo
     (path.parent / "entry.json").write_text("{not json")
     c.get(uri)
     assert cache.outcome(uri) == "refetched" and cache.STATS.discarded == 2
+
+
+def test_a_hit_reads_no_file_when_nothing_changed_since_the_fill(s3: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = put_model(s3, "m", tmp_path, size=8 * MiB)
+    Cache(tmp_path / "cache").get(uri)
+    hashed: list[str] = []
+    real = storage.sha256_file
+    monkeypatch.setattr(storage, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    Cache(tmp_path / "cache").get(uri)  # default: stats as recorded at fill time, no re-hash
+    assert cache.outcome(uri) == "hit" and hashed == []
+    Cache(tmp_path / "cache", verify="sha256").get(uri)  # FINETUNE_CACHE_VERIFY=sha256: every file
+    assert cache.outcome(uri) == "hit" and "model.safetensors" in hashed
+
+
+def test_a_changed_byte_whose_stat_was_put_back_is_caught_by_a_full_verify(s3: str, tmp_path: Path) -> None:
+    """Restoring size and mtime does not hide a write (ctime moves, so the default re-hashes);
+    only a change below the filesystem keeps every stat, and FINETUNE_CACHE_VERIFY=sha256 is the
+    setting that catches that one."""
+    uri = put_model(s3, "m", tmp_path)
+    path = Cache(tmp_path / "cache").get(uri)
+    weights = path / "model.safetensors"
+    good = weights.read_bytes()
+    before = weights.stat()
+    weights.chmod(0o644)
+    weights.write_bytes(b"X" + good[1:])
+    weights.chmod(0o444)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # size and mtime as recorded
+    assert Cache(tmp_path / "cache").get(uri) == path and cache.outcome(uri) == "refetched"
+    assert weights.read_bytes() == good
+    # Below the filesystem: the byte changes and entry.json's stats match the file (as if nothing
+    # had written it); the default trusts the stats, a full verify does not.
+    entry = path.parent / "entry.json"
+    weights.chmod(0o644)
+    weights.write_bytes(b"X" + good[1:])
+    weights.chmod(0o444)
+    doc = json.loads(entry.read_text())
+    st = weights.stat()
+    for f in doc["files"]:
+        if f["path"] == "model.safetensors":
+            f["stat"] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    entry.write_text(json.dumps(doc))
+    Cache(tmp_path / "cache").get(uri)
+    assert cache.outcome(uri) == "hit"
+    Cache(tmp_path / "cache", verify="sha256").get(uri)
+    assert cache.outcome(uri) == "refetched" and weights.read_bytes() == good
+
+
+def test_verify_mode_is_checked() -> None:
+    with pytest.raises(ConfigError, match="FINETUNE_CACHE_VERIFY='md5': expected one of stat, sha256, size"):
+        Cache(Path("/nonexistent-not-created"), verify="md5")
 
 
 def test_eviction_keeps_the_budget_least_recently_used_first(s3: str, tmp_path: Path) -> None:

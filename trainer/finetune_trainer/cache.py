@@ -23,9 +23,18 @@ die with their process (and, on NFSv4, with the client's lease), so a pod killed
 only a tmp folder that the next filler of that key removes; it never blocks the key. Different
 keys have different locks, so jobs on different models do not wait for each other.
 
-Reading: an entry's files are checked against entry.json (sha256 by default, or only sizes with
-$FINETUNE_CACHE_VERIFY=size); a mismatch or an unreadable entry.json discards the entry with a
-warning and refetches it (outcome "refetched", reported in the termination message).
+Reading: an entry's files are checked against entry.json; a mismatch or an unreadable entry.json
+discards the entry with a warning and refetches it (outcome "refetched", reported in the
+termination message). $FINETUNE_CACHE_VERIFY says how:
+- ``stat`` (default): size, mtime and ctime of each file as recorded at fill time, when the fill
+  had just verified its sha256; a file whose stat differs is re-hashed in full. Entries are
+  read-only (0444) and nothing writes them after the fill: any write, chmod, replacement or
+  ``utime`` through the filesystem changes ctime (which no caller can set back), so it is
+  re-hashed. What only a full re-hash catches is a change below the filesystem (disk bit rot,
+  a volume edited by another route); a hit then costs a stat per file instead of reading the
+  whole model again (minutes for a 16 GB model).
+- ``sha256``: every hit re-hashes every file (the paranoid setting);
+- ``size``: sizes only.
 
 Eviction: least recently used entries first, until the cache fits $FINETUNE_CACHE_MAX_BYTES
 (after each fill, and before it to make room). Entries in use by a running process are skipped.
@@ -73,7 +82,9 @@ Outcome = Literal["hit", "miss", "refetched"]
 ENTRY_FILE = "entry.json"
 DATA_DIR = "data"
 #: Schema of entry.json; an entry written by another version is refetched, not misread.
+#: (A file's "stat" was added within version 1: an entry without it is re-hashed in full.)
 ENTRY_VERSION = 1
+VERIFY_MODES = ("stat", "sha256", "size")
 #: A changed source during a fill is retried this often before giving up.
 FILL_ATTEMPTS = 3
 CACHED_SCHEMES = ("s3://",)
@@ -189,11 +200,11 @@ def _object(rel: str, meta: dict[str, Any]) -> ObjectInfo:
 class Cache:
     """One cache root (the mounted volume)."""
 
-    def __init__(self, root: Path, max_bytes: int | None = None, verify: str = "sha256") -> None:
+    def __init__(self, root: Path, max_bytes: int | None = None, verify: str = "stat") -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
-        if verify not in ("sha256", "size"):
-            raise ConfigError(f"{Env.CACHE_VERIFY}={verify!r}: expected sha256 or size")
+        if verify not in VERIFY_MODES:
+            raise ConfigError(f"{Env.CACHE_VERIFY}={verify!r}: expected one of {', '.join(VERIFY_MODES)}")
         self.verify = verify
         for sub in ("entries", "locks", "tmp", "trash"):
             try:
@@ -206,7 +217,7 @@ class Cache:
     def from_env(cls) -> Cache:
         raw = os.environ.get(Env.CACHE_MAX_BYTES, "").strip()
         budget = parse_bytes(raw, Env.CACHE_MAX_BYTES) if raw else None
-        return cls(Path(os.environ[Env.CACHE_DIR]), budget, os.environ.get(Env.CACHE_VERIFY) or "sha256")
+        return cls(Path(os.environ[Env.CACHE_DIR]), budget, os.environ.get(Env.CACHE_VERIFY) or "stat")
 
     # --- paths and locks ------------------------------------------------------------------
 
@@ -306,9 +317,11 @@ class Cache:
                 return f"files differ from {ENTRY_FILE} ({len(present)} present, {len(listed)} listed)"
             for f in files:
                 path = data / f["path"]
-                if path.stat().st_size != f["size"]:
-                    return f"{f['path']}: {path.stat().st_size} bytes, {ENTRY_FILE} says {f['size']}"
-                if self.verify == "sha256" and storage.sha256_file(path) != f["sha256"]:
+                st = path.stat()
+                if st.st_size != f["size"]:
+                    return f"{f['path']}: {st.st_size} bytes, {ENTRY_FILE} says {f['size']}"
+                rehash = self.verify == "sha256" or (self.verify == "stat" and _stat(st) != f.get("stat"))
+                if rehash and storage.sha256_file(path) != f["sha256"]:
                     return f"{f['path']}: sha256 differs from {ENTRY_FILE}"
         except (OSError, KeyError, TypeError) as exc:  # removed or damaged while we read it
             return f"unreadable entry: {exc}"
@@ -347,13 +360,15 @@ class Cache:
                     log.warning("model cache: %s changed during the fill (attempt %d); copying again",
                                 src.uri, attempt)
                     continue
+                for p in data.rglob("*"):
+                    if p.is_file():
+                        p.chmod(0o444)  # shared by later jobs: nobody edits an entry in place
+                for f in files:  # after the chmod (it changes ctime): what a hit compares with
+                    f["stat"] = _stat((data / f["path"]).stat())
                 doc = {"version": ENTRY_VERSION, "uri": src.uri, "endpoint": src.endpoint, "single": src.single,
                        "objects": [o.__dict__ for o in src.objects], "files": files,
                        "filled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 _write_synced(tmp / ENTRY_FILE, json.dumps(doc, indent=1).encode())
-                for p in data.rglob("*"):
-                    if p.is_file():
-                        p.chmod(0o444)  # shared by later jobs: nobody edits an entry in place
                 os.rename(tmp, self.entry_dir(key))
                 _fsync_dir(self.root / "entries")
                 return self._data_path(src, key)
@@ -446,6 +461,11 @@ def parse_bytes(value: str, what: str) -> int:
     if m is None or int(m.group(1)) <= 0:
         raise ConfigError(f"{what}={value!r}: expected a size in bytes (e.g. 500Gi, 2T, 1000000)")
     return int(m.group(1)) * _UNITS[m.group(2) or ""]
+
+
+def _stat(st: os.stat_result) -> list[int]:
+    """What `stat` verification compares: size, mtime and ctime in nanoseconds."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _du(path: Path) -> int:
