@@ -85,8 +85,10 @@ def _parts(child: Child, uris: dict[str, str]) -> dict[str, float]:
         "load_s": phases["load_model"] - model_fetch,
         "data_s": phases.get("prepare_sft", 0.0) - data_fetch,
         "build_s": phases.get("build_trainer", 0.0),
-        # The first evaluation is the baseline (the tuned one comes after training).
-        "baseline_eval_s": marks["evaluate_done"] - marks["build_trainer_done"] if "evaluate_done" in marks else 0.0,
+        # The baseline evaluation before the first step: the first evaluation when it ends before
+        # train() starts (full fine-tuning); with a PEFT method the base is scored after training.
+        "baseline_eval_s": (marks["evaluate_done"] - marks["build_trainer_done"]
+                            if marks.get("evaluate_done", float("inf")) < marks["train_begin"] else 0.0),
         "train_begin_to_step_s": marks["first_optimizer_step"] - marks["train_begin"],
         "first_step_s": marks["first_optimizer_step"],
     }
