@@ -97,9 +97,9 @@ def outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Outcome:
                        f"the preflight Job {name} failed ({detail}); no data verdict: fix the cause, or set "
                        "spec.preflight.enabled false to skip the check")
     running = any((p.get("status") or {}).get("phase") == "Running" for p in mine)
+    doing = f"the preflight pod of Job {name} checks" if running else f"waiting for the preflight pod of Job {name} to check"
     return Outcome("running", Reason.CHECKING_DATA,
-                   f"preflight pod of Job {name} {'checks' if running else 'is to check'} the data and the memory "
-                   "plan; the GPU Job is created when it passes")
+                   f"{doing} the data and the memory plan; the GPU Job is created when it passes")
 
 
 def needed(enabled: bool, prev: FineTuneJobStatus | None, has_gpu_job: bool) -> bool:
