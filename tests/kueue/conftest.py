@@ -9,6 +9,7 @@ operator (a process, as in tests/operator) watching that namespace.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import uuid
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness.cluster import MinioServer, TestCluster, wait_until
+from harness.cluster import STAGE_HOLD, MinioServer, TestCluster, wait_until
 from harness.kueue import KueueCluster, KueueController, Queues
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
@@ -48,9 +49,18 @@ def queues(kueue_cluster: KueueCluster, request: pytest.FixtureRequest) -> Itera
                30, f"the default service account in namespace {namespace}")
     q = kueue_cluster.kueue.create_queues(namespace, gpus=8)
     yield q
-    # Waited for: a held pod left on a node would keep the next test's 8-GPU pod off it.
-    cluster.kubectl("delete", "namespace", namespace, "--ignore-not-found", "--timeout=120s", check=False,
-                    timeout=150)
+    # A held pod left on a node would keep the next test's 8-GPU pod off it: let them finish (a
+    # finished pod holds no resources) before the namespace goes.
+    def running() -> list[str]:
+        pods = cluster.get_json("pods", "-n", namespace)["items"]
+        return [p["metadata"]["name"] for p in pods if p["status"].get("phase") in ("Pending", "Running")]
+
+    for name in running():
+        cluster.kubectl("annotate", "pod", name, "-n", namespace, "--overwrite", f"{STAGE_HOLD}=false", check=False)
+    # (A pod the fake kubelet ran is not kwok's to finish: after a failed test it may stay.)
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: not running(), 60, f"the pods of {namespace} to finish")
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found", check=False)
     cluster.kubectl("delete", "clusterqueue.kueue.x-k8s.io", q.cluster_queue, "--wait=false",
                     "--ignore-not-found", check=False)
 
