@@ -135,3 +135,38 @@ def test_good_data_passes_lands_in_status_and_then_the_gpu_job_runs(
     told = [e["reason"] for e in events(cluster, namespace, "good")]
     assert told.index(c.Reason.CHECKING_DATA) < told.index(c.Reason.DATA_VALID) < told.index(c.Reason.CREATED), told
     assert status["artifact"]["uri"] == f"s3://{BUCKET}/out/good"
+
+
+def test_a_plan_that_does_not_fit_the_pools_gpus_fails_with_will_not_fit(
+    cluster: TestCluster, namespace: str, k8s_client: Any, inputs: dict[str, str],
+    preflight_operator: OperatorProcess, tiny_tokenizer_dir: Path, tmp_path: Path,
+) -> None:
+    """Full fine-tuning of a model of Llama 3.1 8B's shape (its config and a tokenizer in MinIO, no
+    weights: the preflight never reads them) on a pool of 40 GiB GPUs, named by GPU feature
+    discovery's memory label in the nodeSelector."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "llama-8b-shape"
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False).save_pretrained(folder)
+    fs, _ = storage.resolve(f"s3://{BUCKET}")
+    for f in [folder / "config.json", *tiny_tokenizer_dir.iterdir()]:
+        fs.put_file(str(f), f"{BUCKET}/models/llama-8b-shape/{f.name}")
+    port = free_port()
+    doc = manifest("big", inputs["good"], port)
+    doc["spec"]["model"] = {"uri": f"s3://{BUCKET}/models/llama-8b-shape"}
+    doc["spec"]["method"] = {"type": "full"}
+    doc["spec"]["resources"] = {"gpusPerNode": 1, "nodeSelector": {c.GPU_MEMORY_LABEL: "40960"}}
+    with FakeKubelet(k8s_client, namespace, tmp_path / "kubelet", path=[VENV_BIN],
+                     extra_env={"OMP_NUM_THREADS": "1"}) as kubelet:
+        cluster.apply(doc, namespace=namespace)
+        status = wait_phase(cluster, namespace, "big", c.Phase.FAILED, timeout=300, op=preflight_operator)
+        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in kubelet.logs.values())
+    failed = condition(status, c.ConditionType.FAILED)
+    assert failed is not None and failed["reason"] == c.Reason.WILL_NOT_FIT, f"{json.dumps(status, indent=1)}\n{logs}"
+    assert failed["message"].startswith("will not fit: needs about ") and "the GPU has 40.0 GiB" in failed["message"]
+    check = status["dataCheck"]
+    assert check["gpuMemoryBytes"] == 40960 * 2**20 and check["memoryPerGpuBytes"] > check["gpuMemoryBytes"]
+    assert check["largestBatch"] == 0 and check["rows"] == 48
+    assert list(kubelet.handled.values()) == [c.ExitCode.PERMANENT]
+    assert set(jobs(cluster, namespace, "big")) == {"big-preflight"}
