@@ -6,7 +6,11 @@ config) and the data set are published to a local MinIO; each run is a fresh `ru
 
 - off:  the cache switched off (today's behaviour: a download into the run's scratch);
 - cold: an empty cache folder (download, verify, fill);
-- warm: the same folder again, as the second job on the same base.
+- warm: a folder that holds the model and data, as the second job on the same base.
+
+Order, counterbalanced: even pairs run off, cold, warm (warm reads the folder cold filled); odd
+pairs fill a folder with `finetune cache warm` (not timed), run off, warm on it, then cold on a
+new empty folder. Warm is then not always the run right after cold (page cache, load drift).
 
 The process's clock starts when the parent starts it (pod start); each run reports the marks of
 trainer_worker (imports, model loaded, data prepared, trainer built, baseline evaluation done,
@@ -73,6 +77,17 @@ def _one(cfg: dict[str, Any], run_dir: Path, env: dict[str, str]) -> Child:
     return child
 
 
+def _fill_ahead(server_env: dict[str, str], cache_dir: Path, sources: list[str]) -> None:
+    """Fill `cache_dir` as the chart's warm Job does (`finetune cache warm`), untimed."""
+    import os
+    import subprocess
+    import sys
+
+    finetune = Path(sys.executable).with_name("finetune")
+    subprocess.run([str(finetune), "cache", "warm", *sources, "--dir", str(cache_dir)],
+                   env={**os.environ, **server_env}, check=True, capture_output=True)
+
+
 def _parts(child: Child, uris: dict[str, str]) -> dict[str, float]:
     r = child.result
     marks, phases, fetch = r["marks"], r["phases"], r.get("fetch_s", {})
@@ -110,14 +125,20 @@ def cache(runs: int, workdir: Path) -> dict[str, Any]:
         children: dict[str, list[Child]] = {side: [] for side in SIDES}
         for i in range(runs):
             cache_dir = _fresh(workdir / f"cache-{i}") / "cache"
-            for side in SIDES:
+            order = SIDES if i % 2 == 0 else ("off", "warm", "cold")
+            dirs = {"cold": cache_dir, "warm": cache_dir}
+            if order[1] == "warm":
+                dirs["cold"] = _fresh(workdir / f"cache-{i}-cold") / "cache"
+                _fill_ahead(server.env, cache_dir, [uris["model"], uris["train"], uris["eval"]])
+            for side in order:
                 env = dict(server.env)
                 if side != "off":
-                    env[Env.CACHE_DIR] = str(cache_dir)
+                    env[Env.CACHE_DIR] = str(dirs[side])
                 child = _one(cfg, _fresh(workdir / f"cache-{side}-{i}"), env)
                 children[side].append(child)
                 rows[side].append(_parts(child, uris))
-            shutil.rmtree(cache_dir.parent, ignore_errors=True)
+            for d in set(dirs.values()):
+                shutil.rmtree(d.parent, ignore_errors=True)
         out: dict[str, Any] = {"model": MODEL, "model_bytes": size, "config": {k: v for k, v in cfg.items() if k != "hp"}}
         for side in SIDES:
             out[side] = {key: summary([r[key] for r in rows[side]]) for key in rows[side][0]}
