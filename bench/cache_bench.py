@@ -46,7 +46,7 @@ PARTS = (
 )
 
 
-def _publish(minio_env: dict[str, str], bucket: str, model: Path, train: Path, held: Path) -> dict[str, str]:
+def _publish(minio_env: dict[str, str], bucket: str, name: str, model: Path, train: Path, held: Path) -> dict[str, str]:
     import os
 
     from finetune_trainer import storage
@@ -56,7 +56,7 @@ def _publish(minio_env: dict[str, str], bucket: str, model: Path, train: Path, h
     try:
         fs, _ = storage.resolve(f"s3://{bucket}")
         fs.mkdir(bucket)
-        storage.publish(model, f"s3://{bucket}/models/{MODEL}", kind="artifact")
+        storage.publish(model, f"s3://{bucket}/models/{name}", kind="artifact")
         fs.put_file(str(train), f"{bucket}/data/train.jsonl")
         fs.put_file(str(held), f"{bucket}/data/eval.jsonl")
     finally:
@@ -65,7 +65,7 @@ def _publish(minio_env: dict[str, str], bucket: str, model: Path, train: Path, h
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return {"model": f"s3://{bucket}/models/{MODEL}", "train": f"s3://{bucket}/data/train.jsonl",
+    return {"model": f"s3://{bucket}/models/{name}", "train": f"s3://{bucket}/data/train.jsonl",
             "eval": f"s3://{bucket}/data/eval.jsonl"}
 
 
@@ -109,17 +109,17 @@ def _parts(child: Child, uris: dict[str, str]) -> dict[str, float]:
     }
 
 
-def cache(runs: int, workdir: Path) -> dict[str, Any]:
+def cache(runs: int, workdir: Path, model_name: str = MODEL) -> dict[str, Any]:
     from harness.cluster import MinioServer
 
-    model = fixtures.model_dir(MODEL)
+    model = fixtures.model_dir(model_name)
     size = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
     train, held = fixtures.facts_data()
     server = MinioServer(_fresh(workdir / "cache-minio"))
     server.start()
     try:
         server.wait_ready()
-        uris = _publish(server.env, "bench", model, train, held)
+        uris = _publish(server.env, "bench", model_name, model, train, held)
         cfg = {**uris, "format": "prompt_completion", "max_length": 128, "hp": hyperparameters(1, 4), "lora": LORA}
         rows: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
         children: dict[str, list[Child]] = {side: [] for side in SIDES}
@@ -139,7 +139,7 @@ def cache(runs: int, workdir: Path) -> dict[str, Any]:
                 rows[side].append(_parts(child, uris))
             for d in set(dirs.values()):
                 shutil.rmtree(d.parent, ignore_errors=True)
-        out: dict[str, Any] = {"model": MODEL, "model_bytes": size, "config": {k: v for k, v in cfg.items() if k != "hp"}}
+        out: dict[str, Any] = {"model": model_name, "model_bytes": size, "config": {k: v for k, v in cfg.items() if k != "hp"}}
         for side in SIDES:
             out[side] = {key: summary([r[key] for r in rows[side]]) for key in rows[side][0]}
             out[side]["peak_rss_mib"] = summary([c.peak_rss_mib for c in children[side]])

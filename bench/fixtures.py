@@ -42,6 +42,11 @@ MODELS: dict[str, dict[str, Any]] = {
     "100m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
              "num_key_value_heads": 12, "max_position_embeddings": 1024, "vocab_size": 32000,
              "tie_word_embeddings": True},
+    # 20 x (attention 4.2M + MLP 8.7M) + 32k x 1024 tied embeddings ~= 290M parameters, 1.16 GB
+    # of fp32 safetensors: the model cache run with a download that weighs more.
+    "300m": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 20, "num_attention_heads": 16,
+             "num_key_value_heads": 16, "max_position_embeddings": 1024, "vocab_size": 32000,
+             "tie_word_embeddings": True},
 }
 
 
