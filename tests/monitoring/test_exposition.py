@@ -64,7 +64,7 @@ def test_served_metrics_pass_promtool_check_metrics(who: str) -> None:
 
 def test_idle_operator_series() -> None:
     assert series_by_family(operator_metrics_text(), "finetune_operator_") == OPERATOR_IDLE
-    assert OPERATOR_IDLE_SERIES == 31
+    assert OPERATOR_IDLE_SERIES == 33
 
 
 def test_operator_series_do_not_grow_with_jobs() -> None:
