@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -14,6 +13,7 @@ from finetune_api.constants import (
     OPERATOR_HEALTH_PORT,
     OPERATOR_METRICS_PORT,
 )
+from finetune_api.quantity import parse_bytes
 
 from .builders import CACHE_SCOPES, GpuMemory, ModelCache, PodDefaults, PreflightOptions, check_quantity
 from .policy import DEFAULT_NODE_SELECTOR_KEYS, DEFAULT_TOLERATION_KEYS, Policy
@@ -215,15 +215,11 @@ def _gpu_memory(value: str | None) -> GpuMemory:
     return GpuMemory(by_product=tuple(by_product), default=default)
 
 
-_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-
-
 def _bytes(value: str) -> int:
-    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", value.strip())
-    if m is None or int(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a size in bytes (e.g. 500Gi, 2T, 1000000)")
-    return int(m.group(1)) * _UNITS[m.group(2) or ""]
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_settings(argv: list[str], env: Mapping[str, str] | None = None) -> Settings:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from finetune_api.quantity import parse_bytes
 from finetune_trainer import memory_plan
 from finetune_trainer.memory_plan import Setup, estimate
 
@@ -211,4 +212,4 @@ def test_spec_to_setup(make_spec: Callable[..., dict[str, Any]], tmp_path: Path)
     assert (s.quant_bits, s.method, s.lora_r, s.lora_targets, s.world_size) == (4, "lora", 32, ("q_proj",), 8)
     assert (s.batch_size, s.seq_len, s.gradient_checkpointing, s.weight_bytes) == (3, 64, True, 2.0)
     assert estimate(s).trainable_params == 2 * 32 * (8 + 8)
-    assert memory_plan.parse_bytes("80Gi") == 80 * GIB and memory_plan.parse_bytes("40G") == 40 * 10**9
+    assert parse_bytes("80Gi") == 80 * GIB and parse_bytes("40G") == 40 * 10**9

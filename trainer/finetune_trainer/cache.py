@@ -58,7 +58,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import threading
@@ -71,6 +70,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from finetune_api.constants import MANIFEST_FILE, Env, ExitCode
+from finetune_api.quantity import parse_bytes
 from finetune_api.status import Manifest
 
 from . import storage
@@ -216,7 +216,7 @@ class Cache:
     @classmethod
     def from_env(cls) -> Cache:
         raw = os.environ.get(Env.CACHE_MAX_BYTES, "").strip()
-        budget = parse_bytes(raw, Env.CACHE_MAX_BYTES) if raw else None
+        budget = _budget(raw, Env.CACHE_MAX_BYTES) if raw else None
         return cls(Path(os.environ[Env.CACHE_DIR]), budget, os.environ.get(Env.CACHE_VERIFY) or "stat")
 
     # --- paths and locks ------------------------------------------------------------------
@@ -452,15 +452,11 @@ class Cache:
         return removed
 
 
-_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-
-
-def parse_bytes(value: str, what: str) -> int:
-    """A size in bytes, or as a Kubernetes quantity (500Gi, 2T)."""
-    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", value.strip())
-    if m is None or int(m.group(1)) <= 0:
-        raise ConfigError(f"{what}={value!r}: expected a size in bytes (e.g. 500Gi, 2T, 1000000)")
-    return int(m.group(1)) * _UNITS[m.group(2) or ""]
+def _budget(value: str, what: str) -> int:
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def _stat(st: os.stat_result) -> list[int]:

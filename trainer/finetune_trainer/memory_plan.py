@@ -29,7 +29,6 @@ not model) and the CUDA context (CUDA_CONTEXT_BYTES): that is what is compared w
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,18 +48,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_STATES = {"adamw_torch": 2.0, "adamw_torch_fused": 2.0, "sgd": 0.0, "adafactor": 0.0}
 #: 8-bit Adam: two 1-byte states per parameter, whatever the parameter's dtype.
 OPTIMIZER_8BIT = ("adamw_8bit", "paged_adamw_8bit")
-
-_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
-
-
-def parse_bytes(quantity: str) -> int:
-    """A Kubernetes-style quantity of bytes (`80Gi`, `40G`, `81920Mi`) as an integer."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?\s*", quantity)
-    if not m:
-        raise ValueError(f"{quantity!r} is not a memory size such as 80Gi or 40G")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
-
 
 def gib(n: float) -> str:
     """A size for people: GiB with one decimal, MiB below 1 GiB."""

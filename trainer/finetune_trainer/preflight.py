@@ -25,6 +25,7 @@ from typing import Any
 
 from finetune_api import ManifestError
 from finetune_api.constants import Env, ExitCode, Reason
+from finetune_api.quantity import parse_bytes
 from finetune_api.spec import PREFERENCE_OBJECTIVES, FineTuneJobSpec
 from finetune_api.status import DataCheck, TerminationMessage
 
@@ -386,7 +387,7 @@ def main(argv: list[str]) -> int:
     gpu_memory = None
     if args.gpu_memory is not None:
         try:
-            gpu_memory = memory_plan.parse_bytes(args.gpu_memory)
+            gpu_memory = parse_bytes(args.gpu_memory)
         except ValueError as exc:
             print(f"finetune preflight: --gpu-memory: {exc}", file=sys.stderr)
             return 2
