@@ -12,6 +12,7 @@ checkpoint and finishes with the same adapter weights as a run that was never in
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -42,7 +43,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 VENV_BIN = Path(sys.executable).parent
 BUCKET = "kueue-preemption"
-MAX_STEPS = 120
+# Long enough (about 20 s of the tiny model on an idle core) that the preemption, which starts
+# only once the operator's status shows a few steps, lands in the middle of training.
+MAX_STEPS = 1200
 
 
 def spec(q: Queues, output: str, gpus: int) -> dict[str, Any]:
@@ -210,7 +213,8 @@ def test_high_priority_job_preempts_training_which_resumes_from_its_sigterm_chec
     baseline_out = f"s3://{BUCKET}/out/{ns}/baseline"
     run = subprocess.run([str(VENV_BIN / "finetune"), "run", str(manifest), "--output", baseline_out,
                           "--no-progress", "--metrics-port", "0"],
-                         capture_output=True, text=True, timeout=600, check=False)
+                         capture_output=True, text=True, timeout=600, check=False,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # as in the pod: same sums, same order
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     import torch
 
