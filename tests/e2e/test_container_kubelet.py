@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from harness.cluster import STAGE_KWOK_SKIP, TestCluster, wait_until
 from harness.images import OPERATOR_IMAGE, require_image
-from harness.kubelet import SERVICE_ACCOUNT_DIR, FakeKubelet
+from harness.kubelet import FakeKubelet
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

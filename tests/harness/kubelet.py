@@ -83,8 +83,6 @@ from harness.images import podman, podman_env
 
 Runtime = Literal["process", "podman"]
 RUNTIMES: tuple[Runtime, ...] = ("process", "podman")
-#: Where a pod's service-account token, CA and namespace are (the projected volume's mountPath).
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 #: Probes run at least this often (seconds), whatever periodSeconds says: tests should not wait
 #: a 10 s period for a pod to become Ready.
 MAX_PROBE_PERIOD_S = 1.0
