@@ -7,7 +7,7 @@ UV_VERSION := 0.13.9
 TOOLS_BIN := $(CURDIR)/.tools/bin
 export PATH := $(TOOLS_BIN):$(PATH)
 
-.PHONY: venv demo test test-fast lint crd tools cluster cluster-down bench clean
+.PHONY: venv demo test test-fast lint crd tools images cluster cluster-down bench clean
 
 # A virtual environment with every extra; re-installed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -31,8 +31,10 @@ demo: venv
 	rm -rf runs/quickstart
 	HF_HUB_OFFLINE=1 $(VENV)/bin/finetune run examples/quickstart.yaml --metrics-port 0
 
-# The whole suite, cluster tests included: builds the test cluster's tools first (cached in .tools/).
-test: venv tools
+# The whole suite, cluster and image tests included: builds the test cluster's tools and the two images
+# first, side by side (both cached: .tools/bin, podman's storage; a warm run takes seconds).
+test: venv
+	$(MAKE) -j2 tools images
 	$(PY) -m pytest
 
 # Everything that needs no cluster.
@@ -51,6 +53,12 @@ crd: venv
 # Pinned Kubernetes control plane, etcd, kwok, MinIO and helm, built from Go modules into .tools/bin.
 tools:
 	bash hack/tools/build.sh
+
+# The operator and trainer images, daemonless (buildah; installs podman/buildah when missing), tagged
+# localhost/finetune-operator:dev and localhost/finetune-trainer:dev. Stand-in bases where no registry
+# answers; the venv's uv cache makes the trainer's torch a copy, not a download. See hack/images/build.sh.
+images: venv
+	VENV=$(VENV) bash hack/images/build.sh
 
 # A local cluster for people: prints the KUBECONFIG to export and the MinIO endpoint.
 cluster: venv tools
