@@ -1,4 +1,4 @@
-"""The Dockerfile cannot be built here (no Docker): check it statically instead.
+"""The Dockerfile, statically (the images `make images` builds from it are tested in tests/images/).
 
 hadolint lints it; the rest proves that the two images install the extras and run the entry points
 that pyproject.toml and the code define, so a renamed extra, a moved pin or a new subcommand
@@ -196,3 +196,49 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
             for src in parts[:-1]:
                 assert src.rstrip("/") in allowed, f"COPY {src} is excluded by .dockerignore"
                 assert (REPO / src).exists(), f"COPY {src}: no such file in the repository"
+
+
+# ---- layers and caches (make images: hack/images/build.sh) -----------------------------------------------
+
+INSTALLING_STAGES = ("operator-build", "trainer")
+UV_CACHE = "/root/.cache/uv"
+
+
+def extras_of_dependency_layer(stage: Stage) -> set[str]:
+    """The `--extra X` of the stage's `uv pip install -r pyproject.toml` (its dependencies alone)."""
+    (run,) = [r for r in stage.args("RUN") if "-r pyproject.toml" in r]
+    return set(re.findall(r"--extra (\S+)", run))
+
+
+@pytest.mark.parametrize("stage", INSTALLING_STAGES)
+def test_dependencies_install_before_the_sources_are_copied(stage: str) -> None:
+    """A change to the sources (or README) reinstalls only the project, not torch and the stack."""
+    instructions = STAGES[stage].instructions
+    deps = next(i for i, (kw, rest) in enumerate(instructions) if kw == "RUN" and "-r pyproject.toml" in rest)
+    copies = [(i, rest) for i, (kw, rest) in enumerate(instructions) if kw == "COPY" and "--from" not in rest]
+    before = [rest for i, rest in copies if i < deps]
+    assert before == ["pyproject.toml ./"], f"only pyproject.toml may be copied before the dependencies: {before}"
+    assert extras_of_dependency_layer(STAGES[stage]) == extras_installed(STAGES[stage])
+
+
+@pytest.mark.parametrize("stage", INSTALLING_STAGES)
+def test_uv_cache_is_a_build_time_mount(stage: str) -> None:
+    """uv's cache never lands in a layer: every install mounts it; build.sh mounts the host's cache there."""
+    for run in STAGES[stage].args("RUN"):
+        if "uv pip install" in run:
+            assert run.startswith(f"--mount=type=cache,target={UV_CACHE} "), run
+    text = DOCKERFILE.read_text()
+    assert "UV_NO_CACHE" not in text and "UV_LINK_MODE=copy" in text  # copies out of a mount on another fs
+    assert f':{UV_CACHE}")' in (REPO / "hack/images/build.sh").read_text()
+
+
+@pytest.mark.parametrize("stage, title", [("operator", "finetune-operator"), ("trainer", "finetune-trainer")])
+def test_oci_labels_with_the_project_version(stage: str, title: str) -> None:
+    labels = dict(re.findall(r'org\.opencontainers\.image\.(\w+)="([^"]*)"', " ".join(STAGES[stage].args("LABEL"))))
+    assert labels["title"] == title
+    assert labels["licenses"] == PYPROJECT["project"]["license"]
+    assert labels["version"] == "${VERSION}" and GLOBAL_ARGS["VERSION"] == PYPROJECT["project"]["version"]
+    assert labels["description"] and labels["source"].startswith("https://")
+    # Labelled after the installs: a version bump does not reinstall the stack.
+    kws = [kw for kw, _ in STAGES[stage].instructions]
+    assert kws.index("LABEL") > max(i for i, kw in enumerate(kws) if kw in {"RUN", "COPY"})
