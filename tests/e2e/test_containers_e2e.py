@@ -51,9 +51,11 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "cluster-quickstart.yaml"
 BUCKET = "finetune-containers"
 SECRET = "s3-credentials"
-#: Trainer steps of the deletion run: long enough (~20 s of the tiny model) that the deletion, sent
+#: Trainer steps of the deletion run: long enough (~10 s of the tiny model) that the deletion, sent
 #: as soon as the trainer's endpoint shows step 2, lands in the middle of training.
-LONG_STEPS = 1200
+LONG_STEPS = 600
+#: Steps of the end-to-end run: a few seconds of training, so the operator scrapes it while it runs.
+QUICKSTART_STEPS = 300
 
 
 def repo_and_tag(image: str) -> tuple[str, str]:
@@ -103,9 +105,15 @@ def installation(cluster: TestCluster, k8s_client: Any, minio_env: dict[str, str
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installation]:
     require_image(OPERATOR_IMAGE)
     require_image(TRAINER_IMAGE)
-    # The chart's operator listens on its fixed ports; with the host's network they must be free.
-    busy = [p for p in (OPERATOR_METRICS_PORT, OPERATOR_HEALTH_PORT) if not port_free(p)]
-    assert not busy, f"ports {busy} are in use on this machine: the operator container (host network) needs them"
+    # The chart's operator listens on its fixed ports; with the host's network they must be free
+    # (another test's short-lived operator container may hold them for a moment).
+    ports = (OPERATOR_METRICS_PORT, OPERATOR_HEALTH_PORT)
+    try:
+        wait_until(lambda: all(port_free(p) for p in ports), 120, f"ports {ports} to be free", interval=1)
+    except TimeoutError:
+        busy = [p for p in ports if not port_free(p)]
+        raise AssertionError(f"ports {busy} are in use on this machine: the operator container (host network) "
+                             f"listens on them") from None
     namespace = f"containers-e2e-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", namespace)
     wait_until(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", namespace,
@@ -200,7 +208,10 @@ def inputs(minio_env: dict[str, str], tiny_model_dir: Path, toy_data_dir: Path) 
 
 
 def ftj_status(cluster: TestCluster, namespace: str, name: str) -> dict[str, Any]:
-    status: dict[str, Any] = cluster.get_json(f"{c.PLURAL}.{c.GROUP}", name, "-n", namespace).get("status") or {}
+    """The FineTuneJob's status (read in-process: polled often, it must be cheap)."""
+    code, obj = cluster.api_get(f"/apis/{c.GROUP}/{c.VERSION}/namespaces/{namespace}/{c.PLURAL}/{name}")
+    assert code == 200, f"GET FineTuneJob {name}: HTTP {code}: {obj}"
+    status: dict[str, Any] = obj.get("status") or {}
     return status
 
 
@@ -240,7 +251,9 @@ def test_finetunejob_end_to_end_with_operator_and_trainer_in_containers(
     inst, cluster, ns = installation, installation.cluster, installation.namespace
     port = free_port()
     inst.kubelet.extra_env[c.Env.METRICS_PORT] = str(port)
-    doc = finetunejob("quickstart", ns, port)
+    # The example's 30 steps take well under a second in the trainer: too short to be seen running.
+    doc = finetunejob("quickstart", ns, port, hyperparameters={"maxSteps": QUICKSTART_STEPS},
+                      checkpointing={"everySteps": QUICKSTART_STEPS // 3})
     seen_running: list[dict[str, Any]] = []
 
     def during(st: dict[str, Any]) -> None:
@@ -276,6 +289,9 @@ def test_finetunejob_end_to_end_with_operator_and_trainer_in_containers(
     fs, root = storage.resolve(out)
     manifest_bytes = fs.cat_file(f"{root}/manifest.json")
     assert artifact["sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
+    assert artifact["sizeBytes"] == storage.verify(out).size_bytes
+    assert [s for s, _ in storage.list_complete_checkpoints(f"{out}/{c.CHECKPOINTS_DIR}")] == [
+        2 * QUICKSTART_STEPS // 3, QUICKSTART_STEPS]
     assert status["dataCheck"]["rows"] > 0
     assert (status.get("metrics") or {}).get("loss") is not None
 
