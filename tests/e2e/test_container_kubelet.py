@@ -301,3 +301,28 @@ def test_deleting_the_pod_sends_sigterm_to_the_container_then_sigkill(
     from harness.images import podman
 
     assert not podman("ps", "-a", "--filter", f"name={kubelet.containers['term']}", "-q").stdout.strip()
+
+
+def test_a_container_that_cannot_start_is_reported_as_a_kubelet_does(
+    cluster: TestCluster, namespace: str, k8s_client: Any, tmp_path: Path
+) -> None:
+    """A command the image does not have: StartError, exit code 128, the runtime's message; a pod
+    whose image is not built: waiting ErrImageNeverPull (nothing is ever pulled)."""
+    require_image(OPERATOR_IMAGE)
+    missing = "localhost/finetune-no-such-image:dev"
+    pods = [{
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {STAGE_KWOK_SKIP: "true"}},
+        "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
+                 "containers": [{"name": "c", "image": image, "command": ["/no/such/executable"]}]},
+    } for name, image in (("nocommand", OPERATOR_IMAGE), ("noimage", missing))]
+    with FakeKubelet(k8s_client, namespace, tmp_path, runtime="podman") as kubelet:
+        cluster.apply(pods, namespace=namespace)
+        wait_until(lambda: kubelet.handled.get("nocommand") is not None and kubelet.errors, 120,
+                   "both pods to be handled", interval=0.3)
+    state = terminated(cluster, namespace, "nocommand")
+    assert (state["phase"], state["exitCode"], state["reason"]) == ("Failed", 128, "StartError")
+    assert "/no/such/executable" in state["message"], state["message"]
+    (error,) = kubelet.errors
+    assert error.startswith("noimage: ") and missing in error
+    waiting = cluster.get_json("pod", "noimage", "-n", namespace)["status"]["containerStatuses"][0]["state"]["waiting"]
+    assert waiting["reason"] == "ErrImageNeverPull" and missing in waiting["message"]

@@ -541,15 +541,19 @@ class FakeKubelet:
                 prober = threading.Thread(target=self._probe_readiness, args=(name, container, proc), daemon=True)
                 prober.start()
             run_code = proc.wait()
+        env_file.unlink()  # it holds the pod's secrets; podman has read it
         if prober is not None:
             prober.join(timeout=10)
         state = podman("inspect", "--format", "{{json .State}}", cname, check=False, timeout=60)
         podman("rm", "--force", "--ignore", cname, check=False, timeout=120)
         info: dict[str, Any] = json.loads(state.stdout) if state.returncode == 0 and state.stdout.strip() else {}
         message = termination.read_bytes()[:TERMINATION_MESSAGE_MAX_BYTES].decode(errors="replace")
-        if info.get("Error") and not str(info.get("StartedAt", "")).startswith(("2", "1")):
-            # It never started (no such executable, a mount podman refused, ...): the kubelet's StartError.
-            code, reason, message = 128, "StartError", str(info["Error"])
+        if info and (info.get("Status") in ("created", "configured", "initialized")
+                     or str(info.get("StartedAt", "")).startswith("0001-")):
+            # It never started (no such executable, a mount the runtime refused, ...): the kubelet's
+            # StartError, with the runtime's words (podman's stderr went to the log).
+            code, reason = 128, "StartError"
+            message = str(info.get("Error") or "") or _tail_bytes(log_path, 5, FALLBACK_LOG_BYTES)
         elif info:
             code = int(info.get("ExitCode", run_code))
             reason = "OOMKilled" if info.get("OOMKilled") else ("Completed" if code == 0 else "Error")
