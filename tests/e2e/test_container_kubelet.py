@@ -205,7 +205,7 @@ def test_a_pod_that_mounts_a_token_gets_its_service_accounts_bound_token(
                    120, "the container to use its token", interval=0.5)
         volumes = cluster.get_json("pod", "token", "-n", namespace)["spec"]["volumes"]
         (api_access,) = [v for v in volumes if v["name"].startswith("kube-api-access-")]
-        token_file = next(tmp_path.glob(f"token/run-0/volumes/{api_access['name']}/token"))
+        token_file = next(tmp_path.glob(f"token/volumes/{api_access['name']}/token"))
         token = token_file.read_text()
         assert _whoami(cluster, token) == f"system:serviceaccount:{namespace}:reader"
         cluster.kubectl("delete", "pod", "token", "-n", namespace, "--wait=false")
@@ -326,3 +326,38 @@ def test_a_container_that_cannot_start_is_reported_as_a_kubelet_does(
     assert error.startswith("noimage: ") and missing in error
     waiting = cluster.get_json("pod", "noimage", "-n", namespace)["status"]["containerStatuses"][0]["state"]["waiting"]
     assert waiting["reason"] == "ErrImageNeverPull" and missing in waiting["message"]
+
+
+RESTART_SCRIPT = r"""
+import os, sys
+marker = "/data/first-run-was-here"
+if not os.path.exists(marker):
+    open(marker, "w").write("x")
+    print("first run fails", flush=True)
+    sys.exit(1)
+print("second run finds the emptyDir as the first left it", flush=True)
+"""
+
+
+def test_restart_policy_on_failure_restarts_the_container_and_keeps_its_empty_dir(
+    cluster: TestCluster, namespace: str, k8s_client: Any, tmp_path: Path
+) -> None:
+    require_image(OPERATOR_IMAGE)
+    pod = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "again", "labels": {STAGE_KWOK_SKIP: "true"}},
+        "spec": {"restartPolicy": "OnFailure", "automountServiceAccountToken": False,
+                 "securityContext": {"runAsUser": 10001},
+                 "containers": [{"name": "c", "image": OPERATOR_IMAGE, "command": ["python", "-c", RESTART_SCRIPT],
+                                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                 "volumes": [{"name": "data", "emptyDir": {}}]},
+    }
+    with FakeKubelet(k8s_client, namespace, tmp_path, runtime="podman") as kubelet:
+        cluster.apply(pod, namespace=namespace)
+        done = kubelet.wait_for(pod_count=1, timeout=120)
+    assert done == {"again": 0}
+    log = kubelet.logs["again"].read_text()
+    assert "first run fails" in log and "second run finds the emptyDir" in log, log
+    status = cluster.get_json("pod", "again", "-n", namespace)["status"]
+    (cs,) = status["containerStatuses"]
+    assert status["phase"] == "Succeeded"
+    assert cs["restartCount"] == 1 and cs["lastState"]["terminated"]["exitCode"] == 1, cs

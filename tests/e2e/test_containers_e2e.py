@@ -39,7 +39,7 @@ from finetune_api.status import TerminationMessage
 from finetune_operator import builders
 from finetune_trainer import storage
 from harness.cluster import STAGE_KWOK_SKIP, TestCluster, free_port, wait_until
-from harness.images import OPERATOR_IMAGE, TRAINER_IMAGE, require_image
+from harness.images import OPERATOR_IMAGE, TRAINER_IMAGE, podman, require_image
 from harness.kubelet import FakeKubelet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
@@ -165,9 +165,16 @@ def installation(cluster: TestCluster, k8s_client: Any, minio_env: dict[str, str
                 # The Deployment's pod is deleted: the kubelet stops the operator container with SIGTERM.
                 run_helm(["uninstall", release, "-n", namespace, "--kubeconfig", str(cluster.kubeconfig),
                           "--wait", "--timeout", "60s"], check=False, timeout=120)
+                operators = [p for p in kubelet.logs if p.startswith(f"{release}-finetune-operator-")]
+                wait_until(lambda: all(kubelet.handled.get(p) is not None for p in operators), 60,
+                           "the operator container to stop after helm uninstall")
+                assert {kubelet.handled[p] for p in operators} == {0}, "the operator did not stop cleanly on SIGTERM"
+                assert all(p in kubelet.terminated_at for p in operators)
         finally:
             kubelet.stop()
             cluster.kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found", check=False)
+        left = podman("ps", "--all", "--filter", f"name=^fk-{namespace}-", "--format", "{{.Names}}").stdout.split()
+        assert not left, f"containers left behind: {left}"
 
 
 # ---- the job ----------------------------------------------------------------------------------------
@@ -300,7 +307,7 @@ def test_finetunejob_end_to_end_with_operator_and_trainer_in_containers(
     op_spec = cluster.get_json("pod", inst.operator_pod, "-n", ns)["spec"]
     assert op_spec["serviceAccountName"] == inst.service_account
     assert "KUBECONFIG" not in {e["name"] for e in op_spec["containers"][0].get("env", [])}
-    (token_file,) = inst.kubelet.logs[inst.operator_pod].parent.glob("run-*/volumes/kube-api-access-*/token")
+    (token_file,) = inst.kubelet.logs[inst.operator_pod].parent.glob("volumes/kube-api-access-*/token")
     assert whoami(cluster, token_file.read_text()) == f"system:serviceaccount:{ns}:{inst.service_account}"
     assert not re.search(r"forbidden|Not enough permissions", inst.operator_log(), re.IGNORECASE), \
         inst.operator_log()[-4000:]

@@ -34,9 +34,10 @@ pulled: `--pull=never`), as a kubelet with a container runtime would run it:
 - configMap, secret, projected (serviceAccountToken through the TokenRequest API, bound to the pod;
   configMap; secret; downwardAPI) and downwardAPI volumes are materialised on the host and bind
   mounted read-only; emptyDir is a host folder of mode 0777 (medium Memory: a tmpfs of its
-  sizeLimit); hostPath is bound as is; subPath is honoured. The API server's ServiceAccount
-  admission adds the `kube-api-access-*` projected volume only when automountServiceAccountToken
-  allows it, so a pod gets a token exactly when a real one would;
+  sizeLimit, new for each run of the container); hostPath is bound as is; subPath is honoured.
+  Volumes belong to the pod: a restarted container finds its emptyDir as it left it. The API
+  server's ServiceAccount admission adds the `kube-api-access-*` projected volume only when
+  automountServiceAccountToken allows it, so a pod gets a token exactly when a real one would;
 - runAsUser/runAsGroup (container over pod), fsGroup and supplementalGroups (`--group-add`),
   runAsNonRoot (checked against the image's user, as the kubelet does), readOnlyRootFilesystem
   (`--read-only --read-only-tmpfs=false`: no silently writable /tmp), capabilities
@@ -453,10 +454,12 @@ class FakeKubelet:
         root.chmod(0o755)
         log_path = root / "container.log"
         self.logs[name] = log_path
+        # Volumes belong to the pod: an emptyDir keeps its content across restarts of the container.
+        mounts = self._container_mounts(pod, container, root)
         restart = pod.spec.restart_policy or "Always"
         attempt = 0
         while True:
-            code, terminated = self._run_container_once(pod, container, root, log_path, attempt)
+            code, terminated = self._run_container_once(pod, container, mounts, root, log_path, attempt)
             with self._lock:
                 deleting = name in self.deleting
             again = restart == "Always" or (restart == "OnFailure" and code != 0)
@@ -485,14 +488,14 @@ class FakeKubelet:
             self._remove(name)
 
     def _run_container_once(
-        self, pod: Any, container: Any, root: Path, log_path: Path, attempt: int
+        self, pod: Any, container: Any, pod_mounts: list[str], root: Path, log_path: Path, attempt: int
     ) -> tuple[int, dict[str, Any]]:
         """One run of the container, to its end; returns (exit code, the terminated state)."""
         name = pod.metadata.name
         status = self._status[name]
         run_dir = root / f"run-{attempt}"
         run_dir.mkdir()
-        mounts = self._container_mounts(pod, container, run_dir)
+        mounts = list(pod_mounts)
         env = {**self._pod_env(pod, container), **self._service_env(), **self.extra_env}
         termination_path = container.termination_message_path or TERMINATION_LOG_PATH
         termination = run_dir / "termination-log"
@@ -619,8 +622,8 @@ class FakeKubelet:
             args += ["--security-opt", "seccomp=unconfined"]
         return args
 
-    def _container_mounts(self, pod: Any, container: Any, run_dir: Path) -> list[str]:
-        """podman --mount values for the container's volumeMounts (volumes materialised under run_dir)."""
+    def _container_mounts(self, pod: Any, container: Any, root: Path) -> list[str]:
+        """podman --mount values for the container's volumeMounts (volumes materialised under root)."""
         volumes = {v.name: v for v in pod.spec.volumes or []}
         fs_group = pod.spec.security_context.fs_group if pod.spec.security_context is not None else None
         prepared: dict[str, tuple[str, Path | None, dict[str, str]]] = {}  # name -> (kind, host path, options)
@@ -630,7 +633,7 @@ class FakeKubelet:
             if vol is None:
                 raise ValueError(f"pod {pod.metadata.name}: volumeMount {m.name!r} names no volume")
             if m.name not in prepared:
-                prepared[m.name] = self._prepare_volume(pod, vol, run_dir / "volumes" / m.name, fs_group)
+                prepared[m.name] = self._prepare_volume(pod, vol, root / "volumes" / m.name, fs_group)
             kind, host, options = prepared[m.name]
             read_only = bool(m.read_only) or kind == "readonly"
             if kind == "tmpfs":
