@@ -361,3 +361,25 @@ def test_restart_policy_on_failure_restarts_the_container_and_keeps_its_empty_di
     (cs,) = status["containerStatuses"]
     assert status["phase"] == "Succeeded"
     assert cs["restartCount"] == 1 and cs["lastState"]["terminated"]["exitCode"] == 1, cs
+
+
+def test_memory_limit_is_enforced(
+    cluster: TestCluster, namespace: str, k8s_client: Any, tmp_path: Path
+) -> None:
+    """A container past its memory limit is killed (137). (podman on these cgroup-v1 hosts does not
+    flag OOMKilled, so the reason is whatever the runtime says.)"""
+    require_image(OPERATOR_IMAGE)
+    pod = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hungry", "labels": {STAGE_KWOK_SKIP: "true"}},
+        "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
+                 "containers": [{"name": "c", "image": OPERATOR_IMAGE,
+                                 "command": ["python", "-c", "x = bytearray(256 * 2**20); print('survived')"],
+                                 "resources": {"limits": {"memory": "64Mi"}}}]},
+    }
+    with FakeKubelet(k8s_client, namespace, tmp_path, runtime="podman") as kubelet:
+        cluster.apply(pod, namespace=namespace)
+        done = kubelet.wait_for(pod_count=1, timeout=120)
+    assert done == {"hungry": 137}, kubelet.logs["hungry"].read_text()
+    state = terminated(cluster, namespace, "hungry")
+    assert (state["phase"], state["exitCode"]) == ("Failed", 137)
+    assert "survived" not in kubelet.logs["hungry"].read_text()

@@ -38,6 +38,8 @@ pulled: `--pull=never`), as a kubelet with a container runtime would run it:
   Volumes belong to the pod: a restarted container finds its emptyDir as it left it. The API
   server's ServiceAccount admission adds the `kube-api-access-*` projected volume only when
   automountServiceAccountToken allows it, so a pod gets a token exactly when a real one would;
+- resources.limits memory (`--memory`, no extra swap; OOMKilled when podman says so, which it does
+  not on cgroup v1 hosts) and cpu (`--cpus`);
 - runAsUser/runAsGroup (container over pod), fsGroup and supplementalGroups (`--group-add`),
   runAsNonRoot (checked against the image's user, as the kubelet does), readOnlyRootFilesystem
   (`--read-only --read-only-tmpfs=false`: no silently writable /tmp), capabilities
@@ -506,6 +508,7 @@ class FakeKubelet:
         argv = ["run", "--name", cname, "--pull=never", "--network=host", "--sig-proxy=false",
                 "--log-driver=k8s-file", f"--log-opt=path={run_dir / 'podman.log'}"]
         argv += self._security_args(pod, container)
+        argv += _limit_args(container)
         for m in mounts:
             argv += ["--mount", m]
         env_file, inherited = run_dir / "env", {}
@@ -816,6 +819,20 @@ class _PodStatus:
     restart_count: int = 0
     start_time: str = field(default_factory=_now)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _limit_args(container: Any) -> list[str]:
+    """resources.limits as the runtime enforces them: memory (no swap beyond it: past it the kernel's
+    OOM killer ends the container) and CPU (a CFS quota)."""
+    limits = (container.resources.limits if container.resources is not None else None) or {}
+    args: list[str] = []
+    if limits.get("memory"):
+        memory = str(parse_bytes(str(limits["memory"])))
+        args += ["--memory", memory, "--memory-swap", memory]
+    if limits.get("cpu"):
+        cpu = str(limits["cpu"])
+        args += ["--cpus", str(int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu))]
+    return args
 
 
 def _container_name(pod: Any, attempt: int) -> str:
