@@ -319,13 +319,17 @@ def test_a_container_that_cannot_start_is_reported_as_a_kubelet_does(
         cluster.apply(pods, namespace=namespace)
         wait_until(lambda: kubelet.handled.get("nocommand") is not None and kubelet.errors, 120,
                    "both pods to be handled", interval=0.3)
+        waiting = cluster.get_json("pod", "noimage", "-n", namespace)["status"]["containerStatuses"][0]["state"]
+        assert waiting["waiting"]["reason"] == "ErrImageNeverPull" and missing in waiting["waiting"]["message"]
+        # Deleting a pod whose container never ran removes it at once.
+        cluster.kubectl("delete", "pod", "noimage", "-n", namespace, "--wait=false")
+        wait_until(lambda: not cluster.kubectl("get", "pod", "noimage", "-n", namespace, "--ignore-not-found",
+                                               "-o", "name").stdout.strip(), 30, "the pod object to be removed")
     state = terminated(cluster, namespace, "nocommand")
     assert (state["phase"], state["exitCode"], state["reason"]) == ("Failed", 128, "StartError")
     assert "/no/such/executable" in state["message"], state["message"]
     (error,) = kubelet.errors
     assert error.startswith("noimage: ") and missing in error
-    waiting = cluster.get_json("pod", "noimage", "-n", namespace)["status"]["containerStatuses"][0]["state"]["waiting"]
-    assert waiting["reason"] == "ErrImageNeverPull" and missing in waiting["message"]
 
 
 RESTART_SCRIPT = r"""

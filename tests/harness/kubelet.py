@@ -133,6 +133,7 @@ class FakeKubelet:
         # Container mode: pod name -> its container's name in podman, and what its status says.
         self.containers: dict[str, str] = {}
         self._status: dict[str, _PodStatus] = {}
+        self._never_ran: set[str] = set()
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -201,7 +202,7 @@ class FakeKubelet:
                 return
             self.deleting.add(name)
             proc = self._procs.get(name)
-            started = name in self.handled
+            started = name in self.handled and name not in self._never_ran
         if proc is None and started:
             # Its thread is about to start the process: look again at the next poll.
             with self._lock:
@@ -265,6 +266,11 @@ class FakeKubelet:
             else:
                 self._run_pod(pod)
         except Exception as exc:
+            if self.runtime == "podman" and pod.metadata.name not in self._procs:
+                # Its container never ran (no image, a volume it cannot have): deleting the pod
+                # removes it at once, as a kubelet does.
+                with self._lock:
+                    self._never_ran.add(pod.metadata.name)
             self.errors.append(f"{pod.metadata.name}: {type(exc).__name__}: {exc}")
 
     # --- one pod -----------------------------------------------------------------------
