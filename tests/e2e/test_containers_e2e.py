@@ -5,7 +5,9 @@ the pod's restrictions (read-only root, uid 10001, only the Job's emptyDirs writ
 
 - `kubectl apply` of a FineTuneJob (the quickstart example: tiny model, 30 LoRA steps, MinIO) ->
   preflight pod and trainer pod in containers -> Succeeded, the artifact in MinIO with the sha256
-  the status names, progress and metrics scraped from the trainer container while it ran;
+  the status names, progress and metrics scraped from the trainer container while it ran (at
+  http://<podIP>:9400/metrics, as on a cluster: all pods share the host's network here, podIP
+  127.0.0.1, so the fixed ports must be free on this machine);
 - the trainer pod deleted mid-run: its container gets SIGTERM, saves a checkpoint, exits 43; the
   Job's replacement pod resumes from that checkpoint and the job succeeds;
 - the trainer pod exactly as the operator builds it, with a probe instead of `finetune train`:
@@ -34,16 +36,16 @@ import yaml
 from chart.helm import CHART, run_helm
 from finetune_api import constants as c
 from finetune_api import parse_spec
-from finetune_api.constants import OPERATOR_HEALTH_PORT, OPERATOR_METRICS_PORT
+from finetune_api.constants import OPERATOR_HEALTH_PORT, OPERATOR_METRICS_PORT, TRAINER_METRICS_PORT
 from finetune_api.status import TerminationMessage
 from finetune_operator import builders
 from finetune_trainer import storage
-from harness.cluster import STAGE_KWOK_SKIP, TestCluster, free_port, wait_until
+from harness.cluster import STAGE_KWOK_SKIP, TestCluster, wait_until
 from harness.images import OPERATOR_IMAGE, TRAINER_IMAGE, podman, require_image
 from harness.kubelet import FakeKubelet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-from operator_harness import METRICS_URL_ANNOTATION, TEST_PREFIX
+from operator_harness import TEST_PREFIX
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -105,15 +107,15 @@ def installation(cluster: TestCluster, k8s_client: Any, minio_env: dict[str, str
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installation]:
     require_image(OPERATOR_IMAGE)
     require_image(TRAINER_IMAGE)
-    # The chart's operator listens on its fixed ports; with the host's network they must be free
-    # (another test's short-lived operator container may hold them for a moment).
-    ports = (OPERATOR_METRICS_PORT, OPERATOR_HEALTH_PORT)
+    # The operator and the trainer listen on their fixed ports; all pods share the host's network,
+    # so these must be free (another test's short-lived container may hold one for a moment).
+    ports = (OPERATOR_METRICS_PORT, OPERATOR_HEALTH_PORT, TRAINER_METRICS_PORT)
     try:
         wait_until(lambda: all(port_free(p) for p in ports), 120, f"ports {ports} to be free", interval=1)
     except TimeoutError:
         busy = [p for p in ports if not port_free(p)]
-        raise AssertionError(f"ports {busy} are in use on this machine: the operator container (host network) "
-                             f"listens on them") from None
+        raise AssertionError(f"ports {busy} are in use on this machine: the operator and trainer containers "
+                             f"(host network) listen on them") from None
     namespace = f"containers-e2e-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", namespace)
     wait_until(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", namespace,
@@ -129,10 +131,9 @@ def installation(cluster: TestCluster, k8s_client: Any, minio_env: dict[str, str
         "watch": {"namespaces": [namespace]},
         # The kwok label keeps kwok away: the container-mode kubelet runs the operator's pod.
         "podLabels": {STAGE_KWOK_SKIP: "true"},
-        "operator": {"resyncIntervalSeconds": 1, "extraArgs": [
-            # Test hooks: the kwok label reaches the trainer pods, and the operator scrapes the
-            # trainer container's metrics port on the host network (the pods share one network).
-            f"--propagate-prefix={TEST_PREFIX}", f"--scrape-url-annotation={METRICS_URL_ANNOTATION}"]},
+        # The one test hook: the kwok label reaches the trainer pods. The operator scrapes them as
+        # on any cluster, at http://<podIP>:<trainer metrics port>/metrics (podIP 127.0.0.1 here).
+        "operator": {"resyncIntervalSeconds": 1, "extraArgs": [f"--propagate-prefix={TEST_PREFIX}"]},
     }
     kubelet = FakeKubelet(k8s_client, namespace, tmp_path_factory.mktemp("container-kubelet"), runtime="podman",
                           extra_env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
@@ -184,8 +185,8 @@ def example() -> dict[str, Any]:
     return doc
 
 
-def finetunejob(name: str, namespace: str, metrics_port: int, **spec_overrides: Any) -> dict[str, Any]:
-    """The quickstart example, its data and output in this test's bucket, plus the test's hooks."""
+def finetunejob(name: str, namespace: str, **spec_overrides: Any) -> dict[str, Any]:
+    """The quickstart example, its data and output in this test's bucket, plus the kwok label."""
     doc = example()
     spec = doc["spec"]
     spec["model"]["uri"] = f"s3://{BUCKET}/models/tiny-llama"
@@ -194,8 +195,7 @@ def finetunejob(name: str, namespace: str, metrics_port: int, **spec_overrides: 
     spec["output"]["credentialsSecret"]["name"] = SECRET
     for key, value in spec_overrides.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    doc["metadata"] = {"name": name, "namespace": namespace, "labels": {STAGE_KWOK_SKIP: "true"},
-                       "annotations": {METRICS_URL_ANNOTATION: f"http://127.0.0.1:{metrics_port}/metrics"}}
+    doc["metadata"] = {"name": name, "namespace": namespace, "labels": {STAGE_KWOK_SKIP: "true"}}
     return doc
 
 
@@ -256,10 +256,8 @@ def test_finetunejob_end_to_end_with_operator_and_trainer_in_containers(
     installation: Installation, inputs: None, minio_env: dict[str, str], tmp_path: Path
 ) -> None:
     inst, cluster, ns = installation, installation.cluster, installation.namespace
-    port = free_port()
-    inst.kubelet.extra_env[c.Env.METRICS_PORT] = str(port)
     # The example's 30 steps take well under a second in the trainer: too short to be seen running.
-    doc = finetunejob("quickstart", ns, port, hyperparameters={"maxSteps": QUICKSTART_STEPS},
+    doc = finetunejob("quickstart", ns, hyperparameters={"maxSteps": QUICKSTART_STEPS},
                       checkpointing={"everySteps": QUICKSTART_STEPS // 3})
     seen_running: list[dict[str, Any]] = []
 
@@ -365,14 +363,12 @@ def test_trainer_container_deleted_mid_run_checkpoints_on_sigterm_and_the_job_re
     installation: Installation, inputs: None, minio_env: dict[str, str]
 ) -> None:
     inst, cluster, ns = installation, installation.cluster, installation.namespace
-    port = free_port()
-    inst.kubelet.extra_env[c.Env.METRICS_PORT] = str(port)
     # No periodic checkpoint before the end: the one the job resumes from is the SIGTERM one. No
     # preflight (the first test ran one in a container).
-    doc = finetunejob("deleted", ns, port, hyperparameters={"maxSteps": LONG_STEPS},
+    doc = finetunejob("deleted", ns, hyperparameters={"maxSteps": LONG_STEPS},
                       checkpointing={"everySteps": LONG_STEPS}, preflight={"enabled": False})
     out = doc["spec"]["output"]["uri"]
-    watch = StepWatch(f"http://127.0.0.1:{port}/metrics")
+    watch = StepWatch(f"http://127.0.0.1:{TRAINER_METRICS_PORT}/metrics")
     started = time.monotonic()
     inst.cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
     try:
@@ -455,7 +451,7 @@ def test_trainer_container_under_the_pods_restrictions(
     with a probe in place of `finetune train`: the read-only root really is read-only, only the Job's
     emptyDirs are writable, uid 10001, and no API credentials are in the container."""
     require_image(TRAINER_IMAGE)
-    doc = finetunejob("restricted", namespace, free_port())
+    doc = finetunejob("restricted", namespace)
     owner = builders.Owner(name="restricted", namespace=namespace, uid=str(uuid.uuid4()))
     children = builders.build_children(owner, parse_spec(doc["spec"]), builders.BuildOptions(trainer_image=TRAINER_IMAGE))
     job = children.job
