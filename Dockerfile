@@ -24,7 +24,7 @@ FROM ${PYTHON_IMAGE} AS operator-build
 COPY --from=uv /uv /usr/local/bin/uv
 # uv's cache is a build-time cache mount, never a layer; copy (not hard-link) out of it.
 ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy
-RUN uv venv /opt/venv
+RUN --mount=type=cache,target=/root/.cache/uv uv venv /opt/venv
 WORKDIR /src
 # The dependencies first, from pyproject.toml alone: a change to the sources reinstalls only the project.
 COPY pyproject.toml ./
@@ -62,7 +62,7 @@ COPY --from=uv /uv /usr/local/bin/uv
 # uv's managed CPython under /opt/python (readable by the non-root user), same minor version as the
 # operator image and the development venv; a base that has that Python already (a Debian one) uses it.
 ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_INSTALL_DIR=/opt/python
-RUN uv venv --python "${PYTHON_VERSION}" /opt/venv
+RUN --mount=type=cache,target=/root/.cache/uv uv venv --python "${PYTHON_VERSION}" /opt/venv
 RUN groupadd --system --gid 10001 finetune \
  && useradd --system --uid 10001 --gid finetune --create-home --home-dir /home/finetune --shell /usr/sbin/nologin finetune \
  && mkdir -p /scratch && chown finetune:finetune /scratch

@@ -27,14 +27,15 @@
 # A rebuilt target's previous image is removed (no dangling images are left behind).
 #
 # Environment: IMAGES_TARGETS ("operator trainer"), IMAGES_BASES (auto|standin|published; default auto),
-# IMAGES_FORCE=1 (ignore stamps), VENV (.venv). Logs: .tools/logs/images*.log.
+# IMAGES_FORCE=1 (ignore stamps), IMAGES_WORK (stand-in work dirs and stamps; .tools/images), VENV (.venv).
+# Logs: .tools/logs/images*.log.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 cd "$root"
 
 export CONTAINERS_CONF="$here/containers.conf"
-WORK="$root/.tools/images"
+WORK="${IMAGES_WORK:-$root/.tools/images}"
 LOGS="$root/.tools/logs"
 STAMPS="$WORK/stamps"
 VENV="${VENV:-$root/.venv}"
@@ -42,6 +43,9 @@ TARGETS="${IMAGES_TARGETS:-operator trainer}"
 BASES="${IMAGES_BASES:-auto}"
 mkdir -p "$WORK" "$LOGS" "$STAMPS"
 LOG="$LOGS/images.log"
+# One build at a time on this checkout (two `make images` would race on the tags and stamps).
+exec 9>"$WORK/lock"
+flock 9
 
 log() { printf '[images %s] %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$LOG" >&2; }
 die() { log "FAILED: $*"; exit 1; }

@@ -225,7 +225,7 @@ def test_dependencies_install_before_the_sources_are_copied(stage: str) -> None:
 def test_uv_cache_is_a_build_time_mount(stage: str) -> None:
     """uv's cache never lands in a layer: every install mounts it; build.sh mounts the host's cache there."""
     for run in STAGES[stage].args("RUN"):
-        if "uv pip install" in run:
+        if re.search(r"\buv (pip|venv)\b", run):  # uv venv caches interpreter queries, downloads go there too
             assert run.startswith(f"--mount=type=cache,target={UV_CACHE} "), run
     text = DOCKERFILE.read_text()
     assert "UV_NO_CACHE" not in text and "UV_LINK_MODE=copy" in text  # copies out of a mount on another fs
