@@ -7,7 +7,7 @@ mount), none of the repository's tests, benchmarks or virtual environment (.dock
 
 Sizes measured with `make images` on the stand-in Debian base (podman image inspect, 2026-12-01):
 operator 388 MB (no torch; the published python slim base is smaller than the stand-in's 222 MB),
-trainer 6.4 GB.
+trainer 6.7 GB.
 """
 
 from __future__ import annotations
