@@ -37,8 +37,8 @@ test: venv
 	$(MAKE) -j2 tools images
 	$(PY) -m pytest
 
-# Everything that needs no cluster.
-test-fast: venv
+# Everything that needs no cluster (tests/images needs the images: built first, seconds when warm).
+test-fast: venv images
 	$(PY) -m pytest -m "not cluster"
 
 lint: venv

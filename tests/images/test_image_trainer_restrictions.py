@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from finetune_api import parse_spec
 from finetune_operator.builders import BuildOptions, Owner, build_job
 from harness.images import REPO, TRAINER_IMAGE, podman, require_image
 
+#: The torch version pyproject.toml pins (the image must carry that one).
+TORCH_PIN = next(r.split("==")[1] for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+    "optional-dependencies"]["trainer"] if r.startswith("torch=="))
 #: Paths on the image's root filesystem a trainer might try to write to (the home is the user's own).
 ROOT_PATHS = ("/", "/opt/venv", "/opt/venv/lib", "/home/finetune", "/etc", "/var/tmp", "/usr/local/bin")
 
@@ -114,3 +118,15 @@ def test_writes_outside_the_jobs_writable_paths_fail(tmp_path: Path) -> None:
     assert result[term] == "ok" and termination_log.read_text() == "done"
     # EROFS, not EACCES: the root filesystem is read-only, not merely owned by someone else.
     assert {p: result[p] for p in ROOT_PATHS} == dict.fromkeys(ROOT_PATHS, errno.errorcode[errno.EROFS])
+
+
+def test_training_stack_imports_under_the_pods_restrictions(tmp_path: Path) -> None:
+    """torch, the Hugging Face stack, DeepSpeed and bitsandbytes load as uid 10001 on the read-only root
+    (whatever they cache goes to the writable /tmp), and the trainer's entry module imports."""
+    flags, _ = podman_flags(trainer_pod(), tmp_path)
+    script = ("import torch, transformers, peft, trl, accelerate, datasets, deepspeed, bitsandbytes\n"
+              "import finetune_trainer.entrypoint\n"
+              "print('imported', torch.__version__.split('+')[0])")
+    proc = podman("run", "--rm", *flags, "--entrypoint", "python", require_image(TRAINER_IMAGE), "-c", script,
+                  timeout=300)
+    assert proc.stdout.split()[-2:] == ["imported", TORCH_PIN], proc.stdout + proc.stderr
