@@ -32,10 +32,12 @@ def podman(*args: str, check: bool = True, timeout: float = 300, **kwargs: Any) 
     """Run `podman ARGS` with `podman_env()`, capturing text output.
 
     With check=True a non-zero exit raises an AssertionError carrying the command and its output.
-    Other keyword arguments go to subprocess.run (env= is merged over podman_env()).
+    Other keyword arguments go to subprocess.run (env= is merged over podman_env(); output is captured
+    unless stdout= or stderr= is given).
     """
     env = podman_env(kwargs.pop("env", None))
-    kwargs.setdefault("capture_output", True)
+    if "stdout" not in kwargs and "stderr" not in kwargs:
+        kwargs.setdefault("capture_output", True)
     proc = subprocess.run(["podman", *args], text=True, timeout=timeout, env=env, check=False, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(
