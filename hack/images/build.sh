@@ -101,10 +101,27 @@ have_published() {
 standin_current() { # <tag> <recipe hash>
   [[ "$(podman image inspect --format "{{index .Config.Labels \"$STANDIN_LABEL\"}}" "$1" 2>/dev/null)" == "$2" ]]
 }
+# Previous images of our tags that were in use (a container, a child image) when replaced: retried by
+# the next run, so that no untagged image of ours stays behind.
+STALE="$WORK/stale-images"
 replace_image() { # <tag> <old id>: removes the old image if the tag moved away from it
   local old="$2"
   [[ -n $old && "$(image_id "$1")" != "$old" ]] || return 0
-  podman rmi "$old" >>"$LOG" 2>&1 || log "note: previous image ${old:0:12} of $1 is still in use, kept"
+  if ! podman rmi "$old" >>"$LOG" 2>&1; then
+    log "note: previous image ${old:0:12} of $1 is still in use: kept, removed by a later make images"
+    printf '%s\n' "$old" >>"$STALE"
+  fi
+}
+remove_stale_images() {
+  [[ -s $STALE ]] || return 0
+  local id left=()
+  while read -r id; do
+    [[ -n "$(image_id "$id")" ]] || continue
+    if [[ -n "$(podman image inspect --format '{{join .RepoTags " "}}' "$id" 2>/dev/null)" ]]; then continue; fi
+    podman rmi "$id" >>"$LOG" 2>&1 || left+=("$id")
+  done <"$STALE"
+  printf '%s\n' "${left[@]}" | grep . >"$STALE.new" || true
+  mv "$STALE.new" "$STALE"
 }
 
 debian_mirror() {
@@ -260,6 +277,7 @@ build_target() { # <target> <tag>
 main() {
   local start=$SECONDS target
   ensure_packages
+  remove_stale_images
   resolve_bases
   build_mounts
   for target in $TARGETS; do
