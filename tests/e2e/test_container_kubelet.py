@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness.cluster import STAGE_KWOK_SKIP, TestCluster, wait_until
+from harness.cluster import STAGE_KWOK_SKIP, TestCluster, free_port, wait_until
 from harness.images import OPERATOR_IMAGE, require_image
 from harness.kubelet import FakeKubelet
 
@@ -387,3 +387,63 @@ def test_memory_limit_is_enforced(
     state = terminated(cluster, namespace, "hungry")
     assert (state["phase"], state["exitCode"]) == ("Failed", 137)
     assert "survived" not in kubelet.logs["hungry"].read_text()
+
+
+PROBED_SERVER = r"""
+import functools, http.server, os, sys
+first = not os.path.exists("/data/ran")
+open("/data/ran", "w").close()
+open("/srv/ready", "w").write("ok")
+if first:
+    print("first run: not alive", flush=True)
+else:
+    open("/srv/alive", "w").write("ok")
+    print("second run: alive", flush=True)
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory="/srv")
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
+"""
+
+
+def test_probes_decide_ready_and_a_failing_liveness_probe_restarts_the_container(
+    cluster: TestCluster, namespace: str, k8s_client: Any, tmp_path: Path
+) -> None:
+    require_image(OPERATOR_IMAGE)
+    port = free_port()
+    pod = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probed", "labels": {STAGE_KWOK_SKIP: "true"}},
+        "spec": {"restartPolicy": "Always", "automountServiceAccountToken": False,
+                 "terminationGracePeriodSeconds": 2, "securityContext": {"runAsUser": 10001},
+                 "containers": [{
+                     "name": "c", "image": OPERATOR_IMAGE, "command": ["python", "-c", PROBED_SERVER, str(port)],
+                     "ports": [{"name": "http", "containerPort": port}],
+                     "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 1},
+                     "livenessProbe": {"httpGet": {"path": "/alive", "port": port}, "periodSeconds": 1,
+                                       "initialDelaySeconds": 1, "failureThreshold": 2},
+                     "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "srv", "mountPath": "/srv"}],
+                 }],
+                 "volumes": [{"name": "data", "emptyDir": {}}, {"name": "srv", "emptyDir": {}}]},
+    }
+
+    def ready_after_restart() -> dict[str, Any] | None:
+        status: dict[str, Any] = cluster.get_json("pod", "probed", "-n", namespace)["status"]
+        (cs,) = status.get("containerStatuses") or [{}]
+        ready = any(x["type"] == "Ready" and x["status"] == "True" for x in status.get("conditions", []))
+        return status if ready and cs.get("restartCount") == 1 else None
+
+    with FakeKubelet(k8s_client, namespace, tmp_path, runtime="podman") as kubelet:
+        cluster.apply(pod, namespace=namespace)
+        try:
+            status = wait_until(ready_after_restart, 90, "the restarted container to be Ready", interval=0.5)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{kubelet.logs['probed'].read_text()}") from None
+        (cs,) = status["containerStatuses"]
+        # The first run served /ready but not /alive: killed (it ignores SIGTERM as PID 1: SIGKILL).
+        assert cs["lastState"]["terminated"]["exitCode"] == 137, cs
+        assert status["phase"] == "Running" and cs["ready"] is True and "running" in cs["state"]
+        assert kubelet.liveness_kills == {"probed": 1}
+        time.sleep(3)  # alive now: no further kill
+        assert kubelet.liveness_kills == {"probed": 1}
+        cluster.kubectl("delete", "pod", "probed", "-n", namespace, "--wait=false")
+        assert kubelet.wait_for(pod_count=1, timeout=60) == {"probed": 137}
+    log = kubelet.logs["probed"].read_text()
+    assert "first run: not alive" in log and "second run: alive" in log, log

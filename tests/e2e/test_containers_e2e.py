@@ -309,6 +309,10 @@ def test_finetunejob_end_to_end_with_operator_and_trainer_in_containers(
     assert whoami(cluster, token_file.read_text()) == f"system:serviceaccount:{ns}:{inst.service_account}"
     assert not re.search(r"forbidden|Not enough permissions", inst.operator_log(), re.IGNORECASE), \
         inst.operator_log()[-4000:]
+    # The chart's probes held all along: Ready, never restarted (its livenessProbe polls /healthz).
+    op_status = cluster.get_json("pod", inst.operator_pod, "-n", ns)["status"]
+    assert op_status["containerStatuses"][0]["restartCount"] == 0 and op_status["containerStatuses"][0]["ready"]
+    assert inst.operator_pod not in inst.kubelet.liveness_kills
     # Credentials: nowhere in the containers' logs or the pods.
     seen = inst.logs(tail=10**7) + cluster.kubectl("get", "pods,jobs,configmaps", "-n", ns, "-o", "json").stdout
     assert minio_env["AWS_SECRET_ACCESS_KEY"] not in seen

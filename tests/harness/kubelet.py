@@ -47,7 +47,9 @@ pulled: `--pull=never`), as a kubelet with a container runtime would run it:
 - the termination message file is a host file (mode 0666) bound at terminationMessagePath;
   terminationMessagePolicy FallbackToLogsOnError uses the log's tail when it is empty on failure;
 - `--network=host`, so the container reaches MinIO and the API server on 127.0.0.1; the pod's
-  status.podIP is 127.0.0.1; an httpGet readinessProbe is polled on 127.0.0.1 and decides Ready;
+  status.podIP is 127.0.0.1; an httpGet readinessProbe is polled on 127.0.0.1 and decides Ready
+  (at least every second), an httpGet livenessProbe (on its own timing) kills the container after
+  failureThreshold failures;
 - restartPolicy Always/OnFailure restarts the container (restartCount, lastState) with a short
   back-off; Never runs it once;
 - deletion: `podman kill --signal TERM`, `--signal KILL` once the grace period is over, then the
@@ -134,6 +136,8 @@ class FakeKubelet:
         self.containers: dict[str, str] = {}
         self._status: dict[str, _PodStatus] = {}
         self._never_ran: set[str] = set()
+        #: Container mode: pod name -> how often a failing livenessProbe had its container killed.
+        self.liveness_kills: dict[str, int] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -548,13 +552,13 @@ class FakeKubelet:
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             with self._lock:
                 self._procs[name] = proc
-            prober = None
-            if container.readiness_probe is not None:
-                prober = threading.Thread(target=self._probe_readiness, args=(name, container, proc), daemon=True)
+            probers = [threading.Thread(target=self._probe, args=(pod, container, proc, kind), daemon=True)
+                       for kind in ("readiness", "liveness") if getattr(container, f"{kind}_probe") is not None]
+            for prober in probers:
                 prober.start()
             run_code = proc.wait()
         env_file.unlink()  # it holds the pod's secrets; podman has read it
-        if prober is not None:
+        for prober in probers:
             prober.join(timeout=10)
         state = podman("inspect", "--format", "{{json .State}}", cname, check=False, timeout=60)
         podman("rm", "--force", "--ignore", cname, check=False, timeout=120)
@@ -763,24 +767,30 @@ class FakeKubelet:
         resp: Any = self.core.create_namespaced_service_account_token(sa, self.namespace, body)
         return str(resp.status.token)
 
-    def _probe_readiness(self, name: str, container: Any, proc: subprocess.Popen[bytes]) -> None:
-        """An httpGet readinessProbe against 127.0.0.1 (host network) decides the pod's Ready condition."""
-        probe = container.readiness_probe
+    def _probe(self, pod: Any, container: Any, proc: subprocess.Popen[bytes], kind: str) -> None:
+        """An httpGet probe against 127.0.0.1 (host network). readiness decides the pod's Ready
+        condition (polled at least every MAX_PROBE_PERIOD_S, its initial delay capped alike);
+        liveness, on its own timing, kills the container after failureThreshold failures (SIGTERM,
+        SIGKILL after the grace period), which restartPolicy then restarts."""
+        name = pod.metadata.name
+        probe = getattr(container, f"{kind}_probe")
         if probe.http_get is None:
-            self.errors.append(f"{name}: only httpGet readiness probes are supported in container mode")
+            self.errors.append(f"{name}: only httpGet {kind} probes are supported in container mode")
             return
         port: Any = probe.http_get.port
         if isinstance(port, str) and not port.isdigit():
             port = next((p.container_port for p in container.ports or [] if p.name == port), None)
             if port is None:
-                self.errors.append(f"{name}: readinessProbe names port {probe.http_get.port!r}, which is not declared")
+                self.errors.append(f"{name}: {kind}Probe names port {probe.http_get.port!r}, which is not declared")
                 return
         url = f"http://127.0.0.1:{port}{probe.http_get.path or '/'}"
-        period = min(float(probe.period_seconds or 10), MAX_PROBE_PERIOD_S)
+        period, delay = float(probe.period_seconds or 10), float(probe.initial_delay_seconds or 0)
+        if kind == "readiness":
+            period, delay = min(period, MAX_PROBE_PERIOD_S), min(delay, MAX_PROBE_PERIOD_S)
         timeout = float(probe.timeout_seconds or 1)
         threshold = int(probe.failure_threshold or 3)
         status = self._status[name]
-        if self._stop.wait(min(float(probe.initial_delay_seconds or 0), MAX_PROBE_PERIOD_S)):
+        if self._stop.wait(delay):
             return
         failures = 0
         while proc.poll() is None and not self._stop.is_set():
@@ -790,10 +800,24 @@ class FakeKubelet:
             except (urllib.error.URLError, OSError):
                 ok = False
             failures = 0 if ok else failures + 1
-            ready = ok or (status.ready and failures < threshold)
-            if ready != status.ready and proc.poll() is None and "running" in status.state:
-                status.ready = ready
-                self._put_status(name, "Running")
+            if kind == "readiness":
+                ready = ok or (status.ready and failures < threshold)
+                if ready != status.ready and proc.poll() is None and "running" in status.state:
+                    status.ready = ready
+                    self._put_status(name, "Running")
+            elif failures >= threshold:
+                with self._lock:
+                    self.liveness_kills[name] = self.liveness_kills.get(name, 0) + 1
+                grace = probe.termination_grace_period_seconds
+                if grace is None:
+                    grace = pod.spec.termination_grace_period_seconds
+                container_name = self.containers[name]
+                podman("kill", "--signal", "TERM", container_name, check=False, timeout=60)
+                try:
+                    proc.wait(timeout=float(30 if grace is None else grace))
+                except subprocess.TimeoutExpired:
+                    podman("kill", "--signal", "KILL", container_name, check=False, timeout=60)
+                return
             self._stop.wait(period)
 
     def _put_status(self, name: str, phase: str) -> None:
