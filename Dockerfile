@@ -9,8 +9,10 @@
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 # The trainer needs only the driver from the host: the torch and bitsandbytes wheels carry their
 # own CUDA libraries. The base image sets NVIDIA_VISIBLE_DEVICES/NVIDIA_DRIVER_CAPABILITIES for the
-# container toolkit.
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+# container toolkit, and NVIDIA_REQUIRE_CUDA: its CUDA version is the one PyPI's torch wheel is built
+# for (2.14.1: cu130), so a node whose driver is too old (CUDA 13 needs R580+) refuses the container
+# with that reason instead of torch failing inside it.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.9
 # Same pins as pyproject.toml (checked by the test above).
 ARG PYTHON_VERSION=3.11

@@ -138,6 +138,18 @@ def test_trainer_image_installs_training_stack_on_cuda_base() -> None:
     assert any('"torch==${TORCH_VERSION}"' in r for r in trainer.args("RUN"))
 
 
+def test_cuda_base_is_the_cuda_of_the_torch_wheel() -> None:
+    # The base's NVIDIA_REQUIRE_CUDA is what the container toolkit checks the node's driver against;
+    # a base older than the wheel's CUDA lets a too-old driver through to fail inside torch.
+    import torch
+
+    wheel_cuda = torch.version.cuda
+    assert wheel_cuda, "the dev venv has PyPI's CUDA build of torch"
+    tag = GLOBAL_ARGS["CUDA_IMAGE"].split(":", 1)[1]
+    base_cuda = ".".join(tag.split("-", 1)[0].split(".")[:2])
+    assert base_cuda == wheel_cuda, f"CUDA_IMAGE is CUDA {base_cuda}, torch {pin('torch')} is built for {wheel_cuda}"
+
+
 def test_python_version_matches_the_project() -> None:
     minimum = PYPROJECT["project"]["requires-python"].removeprefix(">=")
     assert GLOBAL_ARGS["PYTHON_VERSION"] == minimum
