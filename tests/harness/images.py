@@ -9,6 +9,7 @@ skips: CI builds the images before the tests (`make test`), so a missing one is 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Final
@@ -53,6 +54,8 @@ def image_exists(tag: str) -> bool:
 
 def require_image(tag: str) -> str:
     """The tag, if the image is built; otherwise fail the calling test (CI builds the images first)."""
+    if shutil.which("podman") is None:
+        pytest.fail(f"podman is not installed, so image {tag} cannot run: run `make images`", pytrace=False)
     if not image_exists(tag):
         pytest.fail(f"image {tag} is not built: run `make images` (hack/images/build.sh)", pytrace=False)
     return tag
