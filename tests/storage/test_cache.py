@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -347,6 +348,80 @@ def test_a_job_whose_credentials_cannot_read_the_source_is_not_served_the_entry(
     assert cache.outcome(uri) is None and cache.STATS.hits == 0
 
 
+def _resident_bytes(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def _drop_pages(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages (a file just written) are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_prefetch_reads_a_hit_ahead_and_leaves_a_miss_to_the_run(s3: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """cache.prefetch (started by `finetune train` before its imports): on a miss it fills nothing
+    (the run's own lookup fills, under the lock); on a hit it advises the entry's every byte and
+    does not count as the run's lookup."""
+    uri = put_model(s3, "m", tmp_path, size=16 * MiB)
+    root = tmp_path / "cache"
+    monkeypatch.setenv(Env.CACHE_DIR, str(root))
+    thread = cache.prefetch(uri)
+    assert thread is not None
+    thread.join(120)
+    assert not thread.is_alive() and cache.STATS.prefetched == {} and entries(root) == []
+    path = Cache(root).get(uri, hold=False)
+    assert cache.outcome(uri) == "miss"
+    thread = cache.prefetch(uri)
+    assert thread is not None
+    thread.join(120)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    assert cache.STATS.prefetched == {uri: size} and size > 16 * MiB
+    assert cache.outcome(uri) == "miss" and cache.STATS.hits == 0  # a hint, not a lookup
+    assert cache.prefetch("/models/local") is None  # read in place: nothing to read ahead
+    monkeypatch.delenv(Env.CACHE_DIR)
+    assert cache.prefetch(uri) is None  # cache off
+
+
+def test_readahead_brings_the_entry_into_the_page_cache(s3: str, tmp_path: Path) -> None:
+    if shutil.which("fincore") is None:
+        pytest.skip("util-linux fincore not installed: page cache residency cannot be read")
+    uri = put_model(s3, "m", tmp_path, size=64 * MiB)
+    weights = Cache(tmp_path / "cache").get(uri, hold=False) / "model.safetensors"
+    _drop_pages(weights)
+    if _resident_bytes(weights) > 8 * MiB:
+        pytest.skip(f"{weights.parent}: this filesystem keeps its pages (tmpfs?): nothing to read ahead")
+    assert cache.readahead(weights.parent) == sum(p.stat().st_size for p in weights.parent.rglob("*") if p.is_file())
+    deadline = time.monotonic() + 30
+    while _resident_bytes(weights) < weights.stat().st_size and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _resident_bytes(weights) >= weights.stat().st_size - 4096  # the last page may be partial
+
+
+def test_prefetch_with_credentials_that_cannot_read_the_source_reads_nothing(
+    s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The namespace rule holds for the read-ahead too: it lists the source with the job's own
+    credentials first, so a job that cannot read it does not touch the entry (and no error
+    escapes the thread: the run's own lookup reports it)."""
+    uri = put_model(s3, "private", tmp_path)
+    root = tmp_path / "cache"
+    Cache(root).get(uri, hold=False)
+    monkeypatch.setenv(Env.CACHE_DIR, str(root))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "namespace-b")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "namespace-b-secret")
+    monkeypatch.setattr(storage, "RETRY", storage.RetryPolicy(attempts=1))
+    thread = cache.prefetch(uri)
+    assert thread is not None
+    thread.join(120)
+    assert not thread.is_alive() and cache.STATS.prefetched == {}
+
+
 def test_cli_warm_fills_ahead_and_reports(s3: str, tmp_path: Path, minio_env: dict[str, str]) -> None:
     uri = put_model(s3, "m", tmp_path)
     root = tmp_path / "cache"
@@ -400,6 +475,10 @@ def test_second_job_on_the_same_base_reads_it_from_the_cache(
         assert msg.outcome == "succeeded"
         assert msg.model_cache == ("miss" if run == "first" else "hit"), proc.stderr[-2000:]
         assert "model cache " + ("miss" if run == "first" else "hit") in proc.stderr
+        # startup.begin: a LoRA spec on one process loads neither library; the second run read
+        # the cached model ahead while it imported.
+        assert "start-up: not loading bitsandbytes, deepspeed" in proc.stderr
+        assert (f"model cache: reading s3://{s3}/models/tiny ahead" in proc.stderr) == (run == "second")
     # Model and data set: one entry each, shared by both runs.
     assert len(entries(root)) == 2
 

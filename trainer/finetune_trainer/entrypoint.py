@@ -108,6 +108,9 @@ def main(argv: list[str]) -> int:
         if launched is not None:
             return launched
         spec = read_spec(os.environ.get(Env.SPEC_PATH))
+        from . import startup
+
+        startup.begin(spec)  # before the heavy imports below: unused libraries out, the model read ahead
         from .runner import Overrides, run_job
 
         result = run_job(spec, os.environ.get(Env.OUTPUT_URI) or None,
