@@ -1,21 +1,30 @@
 """Time to the first optimizer step with the shared model cache: cold (empty cache) vs warm.
 
-The 100m model (about 110 M parameters, 440 MB of fp32 safetensors, random weights built from a
-config) and the data set are published to a local MinIO; each run is a fresh `run_job` process
-(bench.trainer_worker) that reads them from s3:// as a pod does. Pairs, one per run:
+A random-weight model built from a config (`--cache-model`: 100m = 438 MB, 300m = 1.16 GB, 1b =
+3.55 GB of fp32 safetensors) and the data set are published to a local MinIO; each run is a fresh
+`run_job` process (bench.trainer_worker) that reads them from s3:// as a pod does, and starts as
+`finetune train` does (startup.begin: unused optional libraries kept out, the cached model read
+ahead while the imports run). Groups, one per run:
 
 - off:  the cache switched off (today's behaviour: a download into the run's scratch);
 - cold: an empty cache folder (download, verify, fill);
-- warm: a folder that holds the model and data, as the second job on the same base.
+- warm: a folder that holds the model and data, as the second job on the same base;
+- warm_uncached: the same folder, with the entry's pages dropped from the page cache first
+  (posix_fadvise DONTNEED), as on a node that has not read the entry lately: the model's bytes
+  then come from the disk.
 
-Order, counterbalanced: even pairs run off, cold, warm (warm reads the folder cold filled); odd
-pairs fill a folder with `finetune cache warm` (not timed), run off, warm on it, then cold on a
-new empty folder. Warm is then not always the run right after cold (page cache, load drift).
+Order, counterbalanced: even groups run off, cold, warm, warm_uncached (the warm runs read the
+folder cold filled); odd groups fill a folder with `finetune cache warm` (not timed), run off,
+warm_uncached, warm on it, then cold on a new empty folder. Warm is then not always the run right
+after cold (page cache, load drift). Before each warm run the share of the entry's bytes in the
+page cache is recorded (util-linux `fincore`, when installed).
 
 The process's clock starts when the parent starts it (pod start); each run reports the marks of
 trainer_worker (imports, model loaded, data prepared, trainer built, baseline evaluation done,
-first optimizer step), the seconds spent fetching each source, and the model load without its
-fetch. warm_start_ratio = median warm / median cold time to the first optimizer step.
+first optimizer step) in wall and CPU seconds, the seconds spent fetching each source, and the
+model load without its fetch. warm_start_ratio = warm / cold time to the first optimizer step,
+per group (median, min, max). The held-out set is cut to 8 rows: evaluation runs after the
+first step and only lengthens the bench.
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ from .common import Child, run_children, summary
 from .trainer_bench import LORA, _drop_outputs, _fresh, hyperparameters
 
 MODEL = "100m"
-SIDES = ("off", "cold", "warm")
+#: The models `--cache-model` offers (fixtures.MODELS names).
+MODELS = ("100m", "300m", "1b")
+SIDES = ("off", "cold", "warm", "warm_uncached")
 #: Points of time before the first step that are not download (seconds since process start).
 PARTS = (
     ("imports", "imports (torch, transformers, trl, ours)"),
@@ -43,6 +54,7 @@ PARTS = (
     ("baseline_eval_s", "baseline evaluation of the base model (evaluation.baseline)"),
     ("train_begin_to_step_s", "train() entered to the first optimizer step done"),
     ("first_step_s", "process start to the first optimizer step"),
+    ("first_step_cpu_s", "CPU seconds of the process to the first optimizer step"),
 )
 
 
@@ -77,6 +89,35 @@ def _one(cfg: dict[str, Any], run_dir: Path, env: dict[str, str]) -> Child:
     return child
 
 
+def _drop_page_cache(root: Path) -> None:
+    """Drop the clean pages of every file under `root` from the page cache (no root needed)."""
+    import os
+
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages (an entry just filled) are not dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _resident_share(root: Path) -> float | None:
+    """Share of the bytes of the files under `root` held in the page cache (util-linux fincore);
+    None when fincore is not installed or the folder is empty."""
+    import subprocess
+
+    files = [str(p) for p in root.rglob("*") if p.is_file()]
+    size = sum(Path(f).stat().st_size for f in files)
+    fincore = shutil.which("fincore")
+    if not files or not size or fincore is None:
+        return None
+    out = subprocess.run([fincore, "--bytes", "--noheadings", "--raw", "--output", "RES", *files],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(x) for x in out.split()) / size
+
+
 def _fill_ahead(server_env: dict[str, str], cache_dir: Path, sources: list[str]) -> None:
     """Fill `cache_dir` as the chart's warm Job does (`finetune cache warm`), untimed."""
     import os
@@ -91,6 +132,7 @@ def _fill_ahead(server_env: dict[str, str], cache_dir: Path, sources: list[str])
 def _parts(child: Child, uris: dict[str, str]) -> dict[str, float]:
     r = child.result
     marks, phases, fetch = r["marks"], r["phases"], r.get("fetch_s", {})
+    cpu = r.get("cpu_marks", {})
     model_fetch = fetch.get(uris["model"], 0.0)
     data_fetch = sum(v for k, v in fetch.items() if k != uris["model"])
     return {
@@ -106,46 +148,69 @@ def _parts(child: Child, uris: dict[str, str]) -> dict[str, float]:
                             if marks.get("evaluate_done", float("inf")) < marks["train_begin"] else 0.0),
         "train_begin_to_step_s": marks["first_optimizer_step"] - marks["train_begin"],
         "first_step_s": marks["first_optimizer_step"],
+        "first_step_cpu_s": cpu.get("first_optimizer_step", float("nan")),
+        "imports_cpu_s": cpu.get("imports", float("nan")),
     }
 
 
 def cache(runs: int, workdir: Path, model_name: str = MODEL) -> dict[str, Any]:
+    import os
+
     from harness.cluster import MinioServer
 
     model = fixtures.model_dir(model_name)
     size = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
     train, held = fixtures.facts_data()
+    held = fixtures.head_rows(held, 8)
     server = MinioServer(_fresh(workdir / "cache-minio"))
     server.start()
     try:
         server.wait_ready()
         uris = _publish(server.env, "bench", model_name, model, train, held)
-        cfg = {**uris, "format": "prompt_completion", "max_length": 128, "hp": hyperparameters(1, 4), "lora": LORA}
+        cfg = {**uris, "format": "prompt_completion", "max_length": 128, "hp": hyperparameters(1, 4), "lora": LORA,
+               "pod_startup": True}
         rows: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
         children: dict[str, list[Child]] = {side: [] for side in SIDES}
+        resident: dict[str, list[float]] = {"warm": [], "warm_uncached": []}
+        load: list[float] = []
         for i in range(runs):
             cache_dir = _fresh(workdir / f"cache-{i}") / "cache"
-            order = SIDES if i % 2 == 0 else ("off", "warm", "cold")
-            dirs = {"cold": cache_dir, "warm": cache_dir}
-            if order[1] == "warm":
+            order = SIDES if i % 2 == 0 else ("off", "warm_uncached", "warm", "cold")
+            dirs = {"cold": cache_dir, "warm": cache_dir, "warm_uncached": cache_dir}
+            if order[1] != "cold":
                 dirs["cold"] = _fresh(workdir / f"cache-{i}-cold") / "cache"
                 _fill_ahead(server.env, cache_dir, [uris["model"], uris["train"], uris["eval"]])
             for side in order:
                 env = dict(server.env)
                 if side != "off":
                     env[Env.CACHE_DIR] = str(dirs[side])
+                if side == "warm_uncached":
+                    _drop_page_cache(dirs[side] / "entries")
+                if side in resident:
+                    share = _resident_share(dirs[side] / "entries")
+                    if share is not None:
+                        resident[side].append(share)
+                load.append(os.getloadavg()[0])
                 child = _one(cfg, _fresh(workdir / f"cache-{side}-{i}"), env)
                 children[side].append(child)
                 rows[side].append(_parts(child, uris))
             for d in set(dirs.values()):
                 shutil.rmtree(d.parent, ignore_errors=True)
-        out: dict[str, Any] = {"model": model_name, "model_bytes": size, "config": {k: v for k, v in cfg.items() if k != "hp"}}
+        out: dict[str, Any] = {"model": model_name, "model_bytes": size,
+                               "config": {k: v for k, v in cfg.items() if k != "hp"},
+                               "load_average_1m_per_run": summary(load)}
         for side in SIDES:
             out[side] = {key: summary([r[key] for r in rows[side]]) for key in rows[side][0]}
             out[side]["peak_rss_mib"] = summary([c.peak_rss_mib for c in children[side]])
             out[side]["model_cache"] = sorted({c.result.get("model_cache") or "-" for c in children[side]})
+            out[side]["read_ahead"] = sorted({"yes" if c.result.get("prefetched", {}).get(uris["model"]) else "no"
+                                              for c in children[side]})
+            if resident.get(side):
+                out[side]["page_cache_share_before"] = summary(resident[side])
         out["warm_start_ratio"] = summary([w["first_step_s"] / c["first_step_s"]
                                            for w, c in zip(rows["warm"], rows["cold"], strict=True)])
+        out["warm_uncached_over_cold"] = summary([w["first_step_s"] / c["first_step_s"]
+                                                  for w, c in zip(rows["warm_uncached"], rows["cold"], strict=True)])
         out["warm_over_off"] = summary([w["first_step_s"] / o["first_step_s"]
                                         for w, o in zip(rows["warm"], rows["off"], strict=True)])
         return out

@@ -47,6 +47,11 @@ MODELS: dict[str, dict[str, Any]] = {
     "300m": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 20, "num_attention_heads": 16,
              "num_key_value_heads": 16, "max_position_embeddings": 1024, "vocab_size": 32000,
              "tie_word_embeddings": True},
+    # 16 x (attention 16.8M + MLP 34.6M) + 32k x 2048 tied embeddings ~= 890M parameters, 3.55 GB of
+    # fp32 safetensors: the model cache run where the download, not the imports, decides the time.
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 16,
+           "num_key_value_heads": 16, "max_position_embeddings": 1024, "vocab_size": 32000,
+           "tie_word_embeddings": True},
 }
 
 
@@ -128,6 +133,17 @@ def facts_data(rows: int = 512, seed: int = 0) -> tuple[Path, Path]:
         data.append({"prompt": f"{pre}: what color is the {t}?", "completion": f" The {t} is {c}."})
     n_eval = max(8, rows // 8)
     return _write_jsonl(train, data[n_eval:]), _write_jsonl(held, data[:n_eval])
+
+
+def head_rows(path: Path, n: int) -> Path:
+    """The first `n` rows of a JSON-lines file, as a file next to it."""
+    out = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    if not out.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(lines), encoding="utf-8")
+        tmp.rename(out)
+    return out
 
 
 def chat_data(rows: int = 384, seed: int = 0, min_words: int = 1, max_words: int = 400) -> tuple[Path, Path]:

@@ -233,24 +233,37 @@ def _startup(s: dict[str, Any]) -> list[str]:
 def _cache(s: dict[str, Any]) -> list[str]:
     from .cache_bench import PARTS, SIDES
 
+    sides = [side for side in SIDES if side in s]  # results of an earlier version may lack a side
     lines = [
         "",
-        "## 5. Time to the first step with the shared model cache: off, cold (empty), warm (second job)",
+        "## 5. Time to the first step with the shared model cache: off, cold (empty), warm (second job), "
+        "warm with the entry out of the page cache",
         "",
         _meta(s),
         "",
         f"Model `{s['model']}` ({s['model_bytes'] / 1e6:.0f} MB) and data read from a local MinIO (s3://), each run a "
-        "fresh `run_job` process as in a pod. Seconds (median, min-max); the parts before the first step:",
+        "fresh `run_job` process started as `finetune train` starts. Seconds (median, min-max); the parts before "
+        "the first step:",
         "",
-        "| part | " + " | ".join(SIDES) + " |",
-        "|---|" + "---|" * len(SIDES),
+        "| part | " + " | ".join(sides) + " |",
+        "|---|" + "---|" * len(sides),
     ]
     for key, label in PARTS:
-        lines.append(f"| {label} | " + " | ".join(fmt(s[side][key], 2) for side in SIDES) + " |")
+        lines.append(f"| {label} | " + " | ".join(fmt(s[side][key], 2) if key in s[side] else "-" for side in sides) + " |")
     lines.append("| model from the cache (status.modelCache) | "
-                 + " | ".join(", ".join(s[side]["model_cache"]) for side in SIDES) + " |")
-    lines.append("| peak RSS (MiB) | " + " | ".join(fmt(s[side]["peak_rss_mib"], 0) for side in SIDES) + " |")
-    lines += ["", f"warm / cold (per pair): **{fmt(s['warm_start_ratio'], 3)}**; warm / off: {fmt(s['warm_over_off'], 3)}"]
+                 + " | ".join(", ".join(s[side]["model_cache"]) for side in sides) + " |")
+    lines.append("| model read ahead while importing (cache.prefetch) | "
+                 + " | ".join(", ".join(s[side].get("read_ahead", ["-"])) for side in sides) + " |")
+    lines.append("| share of the entry in the page cache before the run | "
+                 + " | ".join(fmt(s[side]["page_cache_share_before"], 2) if "page_cache_share_before" in s[side]
+                              else "-" for side in sides) + " |")
+    lines.append("| peak RSS (MiB) | " + " | ".join(fmt(s[side]["peak_rss_mib"], 0) for side in sides) + " |")
+    uncached = (f"; warm_uncached / cold: {fmt(s['warm_uncached_over_cold'], 3)}"
+                if "warm_uncached_over_cold" in s else "")
+    lines += ["", f"warm / cold (per group): **{fmt(s['warm_start_ratio'], 3)}**{uncached}; "
+              f"warm / off: {fmt(s['warm_over_off'], 3)}"]
+    if "load_average_1m_per_run" in s:
+        lines += [f"Load average (1 min) at the start of each run: {fmt(s['load_average_1m_per_run'], 1)}."]
     return lines
 
 

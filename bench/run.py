@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packing-rows", type=int, default=384, help="chat rows of the packing data set (default 384)")
     p.add_argument("--sizes", default="1,100,1000", help="operator scale: FineTuneJob counts (default 1,100,1000)")
     p.add_argument("--probes", type=int, default=20, help="operator: jobs created one at a time at N live (default 20)")
-    p.add_argument("--cache-model", default="100m", choices=("100m", "300m"),
-                   help="cache: the model served from MinIO (100m: 438 MB, 300m: 1.16 GB; default 100m)")
+    p.add_argument("--cache-model", default="100m", choices=("100m", "300m", "1b"),
+                   help="cache: the model served from MinIO (100m: 438 MB, 300m: 1.16 GB, 1b: 3.55 GB; default 100m)")
     p.add_argument("--quick", action="store_true",
                    help="smallest mode (CI): few steps and rows, tiny model only, no profiles, 1 operator job")
     p.add_argument("--out", type=Path, default=REPO / "bench", help="where results.json and RESULTS.md go")
