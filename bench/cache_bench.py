@@ -194,6 +194,8 @@ def cache(runs: int, workdir: Path, model_name: str = MODEL) -> dict[str, Any]:
                 child = _one(cfg, _fresh(workdir / f"cache-{side}-{i}"), env)
                 children[side].append(child)
                 rows[side].append(_parts(child, uris))
+                if side == "warm" and dirs["cold"] != cache_dir:
+                    shutil.rmtree(cache_dir.parent, ignore_errors=True)  # disk: one entry at a time
             for d in set(dirs.values()):
                 shutil.rmtree(d.parent, ignore_errors=True)
         out: dict[str, Any] = {"model": model_name, "model_bytes": size,
