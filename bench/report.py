@@ -264,6 +264,8 @@ def _cache(s: dict[str, Any]) -> list[str]:
               f"warm / off: {fmt(s['warm_over_off'], 3)}"]
     if "load_average_1m_per_run" in s:
         lines += [f"Load average (1 min) at the start of each run: {fmt(s['load_average_1m_per_run'], 1)}."]
+    if "omp_num_threads" in s:
+        lines += [f"Torch CPU threads in every run: OMP_NUM_THREADS={s['omp_num_threads']}."]
     return lines
 
 
