@@ -44,11 +44,12 @@ MODEL = "100m"
 #: The models `--cache-model` offers (fixtures.MODELS names).
 MODELS = ("100m", "300m", "1b")
 SIDES = ("off", "cold", "warm", "warm_uncached")
-#: Torch's CPU threads in every run. With 2 (the core count) on this shared 2-core machine, the
+#: Torch's CPU threads in every run (`--cache-threads`). With 2 (the core count) on this shared 2-core machine, the
 #: first step of the 1b model took 3 CPU-s at load 2.5 but 7-15 CPU-s at load 5-7: OpenMP threads
 #: spin at each barrier while their partner waits for a core. One thread does the same work
-#: without spinning (the test suites run trainers with OMP_NUM_THREADS=1 for the same reason).
-OMP_THREADS = "1"
+#: without spinning (the test suites run trainers with OMP_NUM_THREADS=1 for the same reason). On an
+#: idle machine a pod's trainer uses every core it is given: pass the core count there.
+OMP_THREADS = 1
 #: Points of time before the first step that are not download (seconds since process start).
 PARTS = (
     ("imports", "imports (torch, transformers, trl, ours)"),
@@ -158,7 +159,7 @@ def _parts(child: Child, uris: dict[str, str]) -> dict[str, float]:
     }
 
 
-def cache(runs: int, workdir: Path, model_name: str = MODEL) -> dict[str, Any]:
+def cache(runs: int, workdir: Path, model_name: str = MODEL, threads: int = OMP_THREADS) -> dict[str, Any]:
     import os
 
     from harness.cluster import MinioServer
@@ -186,7 +187,7 @@ def cache(runs: int, workdir: Path, model_name: str = MODEL) -> dict[str, Any]:
                 dirs["cold"] = _fresh(workdir / f"cache-{i}-cold") / "cache"
                 _fill_ahead(server.env, cache_dir, [uris["model"], uris["train"], uris["eval"]])
             for side in order:
-                env = {**server.env, "OMP_NUM_THREADS": OMP_THREADS}
+                env = {**server.env, "OMP_NUM_THREADS": str(threads)}
                 if side != "off":
                     env[Env.CACHE_DIR] = str(dirs[side])
                 if side == "warm_uncached":
@@ -203,7 +204,7 @@ def cache(runs: int, workdir: Path, model_name: str = MODEL) -> dict[str, Any]:
                     shutil.rmtree(cache_dir.parent, ignore_errors=True)  # disk: one entry at a time
             for d in set(dirs.values()):
                 shutil.rmtree(d.parent, ignore_errors=True)
-        out: dict[str, Any] = {"model": model_name, "model_bytes": size, "omp_num_threads": int(OMP_THREADS),
+        out: dict[str, Any] = {"model": model_name, "model_bytes": size, "omp_num_threads": threads,
                                "config": {k: v for k, v in cfg.items() if k != "hp"},
                                "load_average_1m_per_run": summary(load)}
         for side in SIDES:

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", type=int, default=20, help="operator: jobs created one at a time at N live (default 20)")
     p.add_argument("--cache-model", default="100m", choices=("100m", "300m", "1b"),
                    help="cache: the model served from MinIO (100m: 438 MB, 300m: 1.16 GB, 1b: 3.55 GB; default 100m)")
+    p.add_argument("--cache-threads", type=int, default=None,
+                   help="cache: OMP_NUM_THREADS of every run (default 1: robust on a busy shared machine; "
+                        "the core count on an idle one)")
     p.add_argument("--quick", action="store_true",
                    help="smallest mode (CI): few steps and rows, tiny model only, no profiles, 1 operator job")
     p.add_argument("--out", type=Path, default=REPO / "bench", help="where results.json and RESULTS.md go")
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elif name == "cache":
             from . import cache_bench
 
-            section = cache_bench.cache(args.runs, args.workdir, model_name=args.cache_model)
+            threads = {"threads": args.cache_threads} if args.cache_threads else {}
+            section = cache_bench.cache(args.runs, args.workdir, model_name=args.cache_model, **threads)
         else:
             from . import operator_bench
 
