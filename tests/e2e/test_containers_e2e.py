@@ -22,9 +22,7 @@ import json
 import re
 import socket
 import sys
-import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from finetune_trainer import storage
 from harness.cluster import STAGE_KWOK_SKIP, TestCluster, wait_until
 from harness.images import OPERATOR_IMAGE, TRAINER_IMAGE, podman, require_image
 from harness.kubelet import FakeKubelet
+from harness.step_watch import StepWatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 from operator_harness import TEST_PREFIX
@@ -334,33 +333,6 @@ def whoami(cluster: TestCluster, token: str) -> str | None:
         if exc.code == 401:
             return None
         raise
-
-
-class StepWatch:
-    """Polls the trainer container's metrics endpoint: the highest optimizer step it reported."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.max_step = -1
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.05):
-            try:
-                with urllib.request.urlopen(self.url, timeout=1) as resp:
-                    text = resp.read().decode()
-            except OSError:
-                continue
-            m = re.search(rf"^{c.TrainerMetric.STEP} ([0-9.e+]+)$", text, re.MULTILINE)
-            if m:
-                self.max_step = max(self.max_step, int(float(m.group(1))))
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(5)
-        return self.max_step
 
 
 def test_trainer_container_deleted_mid_run_checkpoints_on_sigterm_and_the_job_resumes(

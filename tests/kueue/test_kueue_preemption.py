@@ -16,8 +16,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from finetune_trainer import storage
 from harness.cluster import STAGE_HOLD, STAGE_KWOK_SKIP, free_port, wait_until
 from harness.kubelet import FakeKubelet
 from harness.kueue import HIGH_PRIORITY, LOW_PRIORITY, KueueCluster, Queues
+from harness.step_watch import StepWatch
 from operator_harness import (
     METRICS_URL_ANNOTATION,
     OperatorProcess,
@@ -70,33 +69,6 @@ def ftj(name: str, q: Queues, labels: dict[str, str], annotations: dict[str, str
     return {"apiVersion": c.API_VERSION, "kind": c.KIND,
             "metadata": {"name": name, "namespace": q.namespace, "labels": labels, "annotations": annotations},
             "spec": spec(q, f"s3://{BUCKET}/out/{q.namespace}/{name}", gpus)}
-
-
-class StepWatch:
-    """Polls a trainer's metrics endpoint: the highest optimizer step each run reported."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.max_step = -1
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.05):
-            try:
-                with urllib.request.urlopen(self.url, timeout=1) as resp:
-                    text = resp.read().decode()
-            except OSError:
-                continue
-            m = re.search(rf"^{c.TrainerMetric.STEP} ([0-9.e+]+)$", text, re.MULTILINE)
-            if m:
-                self.max_step = max(self.max_step, int(float(m.group(1))))
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(5)
-        return self.max_step
 
 
 @pytest.fixture
