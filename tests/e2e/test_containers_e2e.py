@@ -41,6 +41,7 @@ from finetune_trainer import storage
 from harness.cluster import STAGE_KWOK_SKIP, TestCluster, wait_until
 from harness.images import OPERATOR_IMAGE, TRAINER_IMAGE, podman, require_image
 from harness.kubelet import FakeKubelet
+from harness.s3_inputs import publish_model_once, s3_bucket
 from harness.step_watch import StepWatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
@@ -205,10 +206,8 @@ def inputs(minio_env: dict[str, str], tiny_model_dir: Path, toy_data_dir: Path) 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in minio_env.items():
             mp.setenv(k, v)
-        fs, _ = storage.resolve(f"s3://{BUCKET}")
-        if not fs.exists(BUCKET):
-            fs.mkdir(BUCKET)
-        storage.publish(tiny_model_dir, f"s3://{BUCKET}/models/tiny-llama", kind="artifact")
+        fs = s3_bucket(BUCKET)
+        publish_model_once(tiny_model_dir, f"s3://{BUCKET}/models/tiny-llama")
         fs.put_file(str(toy_data_dir / "prompt_completion.jsonl"), f"{BUCKET}/data/train.jsonl")
         yield
 

@@ -27,6 +27,7 @@ from finetune_trainer import storage
 from harness.cluster import STAGE_HOLD, STAGE_KWOK_SKIP, free_port, wait_until
 from harness.kubelet import FakeKubelet
 from harness.kueue import HIGH_PRIORITY, LOW_PRIORITY, KueueCluster, Queues
+from harness.s3_inputs import publish_model_once, s3_bucket
 from harness.step_watch import StepWatch
 from operator_harness import (
     METRICS_URL_ANNOTATION,
@@ -76,11 +77,8 @@ def inputs(minio_env: dict[str, str], tiny_model_dir: Path, toy_data_dir: Path,
            monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in minio_env.items():
         monkeypatch.setenv(k, v)
-    fs, _ = storage.resolve(f"s3://{BUCKET}")
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
-    if not fs.exists(f"{BUCKET}/models/tiny-llama/{c.MANIFEST_FILE}"):
-        storage.publish(tiny_model_dir, f"s3://{BUCKET}/models/tiny-llama", kind="artifact")
+    fs = s3_bucket(BUCKET)
+    publish_model_once(tiny_model_dir, f"s3://{BUCKET}/models/tiny-llama")
     fs.put_file(str(toy_data_dir / "prompt_completion.jsonl"), f"{BUCKET}/data/train.jsonl")
 
 

@@ -16,6 +16,7 @@ from finetune_api import constants as c
 from finetune_trainer import storage
 from harness.cluster import STAGE_KWOK_SKIP, TestCluster, free_port, wait_until
 from harness.kubelet import FakeKubelet
+from harness.s3_inputs import publish_model_once, s3_bucket
 from operator_harness import METRICS_URL_ANNOTATION, OperatorProcess, children, condition, events, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -32,11 +33,8 @@ def inputs(minio_env: dict[str, str], tiny_model_dir: Path, toy_data_dir: Path, 
     """The tiny model and two datasets in MinIO: the toy data, and a file whose line 3 is cut off."""
     for k, v in minio_env.items():
         monkeypatch.setenv(k, v)
-    fs, _ = storage.resolve(f"s3://{BUCKET}")
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
-    if not fs.exists(f"{BUCKET}/models/tiny-llama/{c.MANIFEST_FILE}"):
-        storage.publish(tiny_model_dir, MODEL, kind="artifact")
+    fs = s3_bucket(BUCKET)
+    publish_model_once(tiny_model_dir, MODEL)
     good = f"{BUCKET}/data/good.jsonl"
     fs.put_file(str(toy_data_dir / "prompt_completion.jsonl"), good)
     bad = tmp_path / "bad.jsonl"
@@ -81,16 +79,28 @@ def jobs(cluster: TestCluster, namespace: str, name: str) -> dict[str, dict[str,
     return {j["metadata"]["name"]: j for j in children(cluster, namespace, name, "jobs")}
 
 
+def run_to_phase(cluster: TestCluster, namespace: str, k8s_client: Any, op: OperatorProcess, tmp_path: Path,
+                 doc: dict[str, Any], phase: str, timeout: float,
+                 metrics_port: int | None = None) -> tuple[dict[str, Any], FakeKubelet, str]:
+    """Apply the FineTuneJob with the fake kubelet running its pods; its status once in `phase`, the
+    kubelet (what it ran) and the tail of each pod's log."""
+    extra_env = {"OMP_NUM_THREADS": "1"}
+    if metrics_port is not None:
+        extra_env[c.Env.METRICS_PORT] = str(metrics_port)
+    with FakeKubelet(k8s_client, namespace, tmp_path / "kubelet", path=[VENV_BIN], extra_env=extra_env) as kubelet:
+        cluster.apply(doc, namespace=namespace)
+        status = wait_phase(cluster, namespace, doc["metadata"]["name"], phase, timeout=timeout, op=op)
+        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in kubelet.logs.values())
+    return status, kubelet, logs
+
+
 def test_bad_data_fails_the_job_before_any_gpu_job_or_pod_exists(
     cluster: TestCluster, namespace: str, k8s_client: Any, inputs: dict[str, str],
     preflight_operator: OperatorProcess, tmp_path: Path,
 ) -> None:
     port = free_port()
-    with FakeKubelet(k8s_client, namespace, tmp_path / "kubelet", path=[VENV_BIN],
-                     extra_env={"OMP_NUM_THREADS": "1", c.Env.METRICS_PORT: str(port)}) as kubelet:
-        cluster.apply(manifest("bad", inputs["bad"], port), namespace=namespace)
-        status = wait_phase(cluster, namespace, "bad", c.Phase.FAILED, timeout=300, op=preflight_operator)
-        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in kubelet.logs.values())
+    status, kubelet, logs = run_to_phase(cluster, namespace, k8s_client, preflight_operator, tmp_path,
+                                         manifest("bad", inputs["bad"], port), c.Phase.FAILED, 300, port)
     failed = condition(status, c.ConditionType.FAILED)
     assert failed is not None and failed["reason"] == c.Reason.INVALID_DATA, f"{json.dumps(status, indent=1)}\n{logs}"
     # The loader's one line: the file, the line, what was wrong.
@@ -113,11 +123,8 @@ def test_good_data_passes_lands_in_status_and_then_the_gpu_job_runs(
     preflight_operator: OperatorProcess, tmp_path: Path,
 ) -> None:
     port = free_port()
-    with FakeKubelet(k8s_client, namespace, tmp_path / "kubelet", path=[VENV_BIN],
-                     extra_env={"OMP_NUM_THREADS": "1", c.Env.METRICS_PORT: str(port)}) as kubelet:
-        cluster.apply(manifest("good", inputs["good"], port), namespace=namespace)
-        status = wait_phase(cluster, namespace, "good", c.Phase.SUCCEEDED, timeout=600, op=preflight_operator)
-        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in kubelet.logs.values())
+    status, kubelet, logs = run_to_phase(cluster, namespace, k8s_client, preflight_operator, tmp_path,
+                                         manifest("good", inputs["good"], port), c.Phase.SUCCEEDED, 600, port)
     checked = condition(status, c.ConditionType.DATA_CHECKED)
     assert checked is not None and (checked["status"], checked["reason"]) == ("True", c.Reason.DATA_VALID), logs
     check = status["dataCheck"]
@@ -157,11 +164,8 @@ def test_a_plan_that_does_not_fit_the_pools_gpus_fails_with_will_not_fit(
     doc["spec"]["model"] = {"uri": f"s3://{BUCKET}/models/llama-8b-shape"}
     doc["spec"]["method"] = {"type": "full"}
     doc["spec"]["resources"] = {"gpusPerNode": 1, "nodeSelector": {c.GPU_MEMORY_LABEL: "40960"}}
-    with FakeKubelet(k8s_client, namespace, tmp_path / "kubelet", path=[VENV_BIN],
-                     extra_env={"OMP_NUM_THREADS": "1"}) as kubelet:
-        cluster.apply(doc, namespace=namespace)
-        status = wait_phase(cluster, namespace, "big", c.Phase.FAILED, timeout=300, op=preflight_operator)
-        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in kubelet.logs.values())
+    status, kubelet, logs = run_to_phase(cluster, namespace, k8s_client, preflight_operator, tmp_path,
+                                         doc, c.Phase.FAILED, 300)
     failed = condition(status, c.ConditionType.FAILED)
     assert failed is not None and failed["reason"] == c.Reason.WILL_NOT_FIT, f"{json.dumps(status, indent=1)}\n{logs}"
     assert failed["message"].startswith("will not fit: needs about ") and "the GPU has 40.0 GiB" in failed["message"]

@@ -14,15 +14,23 @@ from finetune_trainer import preflight, storage
 pytestmark = pytest.mark.cluster
 
 
-def test_preflight_reads_s3_data_and_only_the_models_config_and_tokenizer(
-        minio_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, make_spec: Callable[..., dict[str, Any]],
-        tiny_model_dir: Path, toy_data_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def model_bucket(minio_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> tuple[str, Any]:
+    """A new bucket holding the tiny model's files at models/tiny (no manifest: the preflight reads
+    the folder as a user's upload), and its filesystem; MinIO's credentials in the environment."""
     for key, value in minio_env.items():
         monkeypatch.setenv(key, value)
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     fs, _ = storage.resolve(f"s3://{bucket}")
     fs.mkdir(bucket)
     fs.put(str(tiny_model_dir), f"{bucket}/models/tiny", recursive=True)
+    return bucket, fs
+
+
+def test_preflight_reads_s3_data_and_only_the_models_config_and_tokenizer(
+        model_bucket: tuple[str, Any], make_spec: Callable[..., dict[str, Any]], toy_data_dir: Path,
+        tmp_path: Path) -> None:
+    bucket, fs = model_bucket
     fs.put_file(str(toy_data_dir / "messages.jsonl"), f"{bucket}/data/part-0.jsonl")
     fs.put_file(str(toy_data_dir / "messages.jsonl"), f"{bucket}/data/part-1.jsonl")
     spec = parse_spec(make_spec(f"s3://{bucket}/out", model={"uri": f"s3://{bucket}/models/tiny"},
@@ -37,14 +45,9 @@ def test_preflight_reads_s3_data_and_only_the_models_config_and_tokenizer(
 
 
 def test_a_bad_row_in_s3_data_is_named_by_its_object_uri_not_the_local_copy(
-        minio_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, make_spec: Callable[..., dict[str, Any]],
-        tiny_model_dir: Path, toy_data_dir: Path, tmp_path: Path) -> None:
-    for key, value in minio_env.items():
-        monkeypatch.setenv(key, value)
-    bucket = f"t-{uuid.uuid4().hex[:12]}"
-    fs, _ = storage.resolve(f"s3://{bucket}")
-    fs.mkdir(bucket)
-    fs.put(str(tiny_model_dir), f"{bucket}/models/tiny", recursive=True)
+        model_bucket: tuple[str, Any], make_spec: Callable[..., dict[str, Any]], toy_data_dir: Path,
+        tmp_path: Path) -> None:
+    bucket, fs = model_bucket
     fs.put_file(str(toy_data_dir / "prompt_completion.jsonl"), f"{bucket}/data/part-0.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a?", "completion": " b"}\n{"prompt": "c?", "completion": null}\n', encoding="utf-8")
