@@ -350,12 +350,10 @@ class FakeKubelet:
             local.mkdir(parents=True, exist_ok=True)
             data: dict[str, bytes] = {}
             if vol.config_map is not None:
-                cm = self.core.read_namespaced_config_map(vol.config_map.name, self.namespace)
-                data = {k: v.encode() for k, v in (cm.data or {}).items()}
+                data = self._config_map_data(vol.config_map.name)
                 items = vol.config_map.items
             elif vol.secret is not None:
-                secret = self.core.read_namespaced_secret(vol.secret.secret_name, self.namespace)
-                data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+                data = self._secret_data(vol.secret.secret_name)
                 items = vol.secret.items
             else:  # emptyDir, and anything else: an empty local folder
                 items = None
@@ -389,16 +387,11 @@ class FakeKubelet:
         env: dict[str, str] = {}
         for src in container.env_from or []:
             if src.config_map_ref is not None:
-                cm = self.core.read_namespaced_config_map(src.config_map_ref.name, self.namespace)
-                env.update({(src.prefix or "") + k: v for k, v in (cm.data or {}).items()})
+                data = self._config_map_data(src.config_map_ref.name)
+                env.update({(src.prefix or "") + k: v.decode() for k, v in data.items()})
             if src.secret_ref is not None:
-                secret = self.core.read_namespaced_secret(src.secret_ref.name, self.namespace)
-                env.update(
-                    {
-                        (src.prefix or "") + k: base64.b64decode(v).decode()
-                        for k, v in (secret.data or {}).items()
-                    }
-                )
+                data = self._secret_data(src.secret_ref.name)
+                env.update({(src.prefix or "") + k: v.decode() for k, v in data.items()})
         for e in container.env or []:
             value = self._env_value(pod, e)
             if value is not None:
@@ -410,12 +403,11 @@ class FakeKubelet:
             return e.value or ""
         ref = e.value_from
         if ref.secret_key_ref is not None:
-            secret = self.core.read_namespaced_secret(ref.secret_key_ref.name, self.namespace)
-            raw = (secret.data or {}).get(ref.secret_key_ref.key)
-            return base64.b64decode(raw).decode() if raw is not None else None
+            raw = self._secret_data(ref.secret_key_ref.name).get(ref.secret_key_ref.key)
+            return raw.decode() if raw is not None else None
         if ref.config_map_key_ref is not None:
-            cm = self.core.read_namespaced_config_map(ref.config_map_key_ref.name, self.namespace)
-            return (cm.data or {}).get(ref.config_map_key_ref.key)
+            raw = self._config_map_data(ref.config_map_key_ref.name).get(ref.config_map_key_ref.key)
+            return raw.decode() if raw is not None else None
         if ref.field_ref is not None:
             return _field(pod, ref.field_ref.field_path)
         return None
@@ -687,12 +679,10 @@ class FakeKubelet:
             return "hostPath", path, {}
         files: dict[str, tuple[bytes, int]] = {}  # path in the volume -> (content, mode)
         if vol.config_map is not None:
-            cm = self._read_optional(self.core.read_namespaced_config_map, vol.config_map.name, vol.config_map.optional)
-            data = {k: v.encode() for k, v in ((cm.data if cm else None) or {}).items()}
+            data = self._config_map_data(vol.config_map.name, vol.config_map.optional)
             files = _select(data, vol.config_map.items, vol.config_map.default_mode, vol.name)
         elif vol.secret is not None:
-            secret = self._read_optional(self.core.read_namespaced_secret, vol.secret.secret_name, vol.secret.optional)
-            data = {k: base64.b64decode(v) for k, v in ((secret.data if secret else None) or {}).items()}
+            data = self._secret_data(vol.secret.secret_name, vol.secret.optional)
             files = _select(data, vol.secret.items, vol.secret.default_mode, vol.name)
         elif vol.downward_api is not None:
             files = self._downward_files(pod, vol.downward_api.items, vol.downward_api.default_mode)
@@ -704,13 +694,10 @@ class FakeKubelet:
                     files[t.path] = (self._token(pod, t.audience, t.expiration_seconds).encode(),
                                      default if default is not None else 0o644)
                 elif src.config_map is not None:
-                    cm = self._read_optional(self.core.read_namespaced_config_map, src.config_map.name,
-                                             src.config_map.optional)
-                    data = {k: v.encode() for k, v in ((cm.data if cm else None) or {}).items()}
+                    data = self._config_map_data(src.config_map.name, src.config_map.optional)
                     files.update(_select(data, src.config_map.items, default, vol.name))
                 elif src.secret is not None:
-                    secret = self._read_optional(self.core.read_namespaced_secret, src.secret.name, src.secret.optional)
-                    data = {k: base64.b64decode(v) for k, v in ((secret.data if secret else None) or {}).items()}
+                    data = self._secret_data(src.secret.name, src.secret.optional)
                     files.update(_select(data, src.secret.items, default, vol.name))
                 elif src.downward_api is not None:
                     files.update(self._downward_files(pod, src.downward_api.items, default))
@@ -729,6 +716,16 @@ class FakeKubelet:
             if fs_group is not None:
                 os.chown(path, -1, fs_group)  # the kubelet gives the pod's fsGroup the volume's files
         return "readonly", local, {}
+
+    def _config_map_data(self, obj_name: str, optional: bool | None = None) -> dict[str, bytes]:
+        """The ConfigMap's data as bytes; {} for a missing one marked optional, else the API's error."""
+        cm = self._read_optional(self.core.read_namespaced_config_map, obj_name, optional)
+        return {k: v.encode() for k, v in ((cm.data if cm else None) or {}).items()}
+
+    def _secret_data(self, obj_name: str, optional: bool | None = None) -> dict[str, bytes]:
+        """The Secret's data, decoded; {} for a missing one marked optional, else the API's error."""
+        secret = self._read_optional(self.core.read_namespaced_secret, obj_name, optional)
+        return {k: base64.b64decode(v) for k, v in ((secret.data if secret else None) or {}).items()}
 
     def _read_optional(self, read: Any, obj_name: str, optional: bool | None) -> Any:
         from kubernetes.client.exceptions import ApiException
