@@ -540,8 +540,10 @@ class FakeKubelet:
         with self._lock:
             self.containers[name] = cname
         with open(log_path, "ab") as log:
+            # cwd: the runtime leaves files in its working directory (conmon an `oom` marker after a
+            # memory kill), which belong with the run, not in the directory pytest runs from.
             proc = subprocess.Popen(["podman", *argv], env=podman_env(inherited), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=run_dir)
             with self._lock:
                 self._procs[name] = proc
             probers = [threading.Thread(target=self._probe, args=(pod, container, proc, kind), daemon=True)
