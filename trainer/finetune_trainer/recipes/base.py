@@ -16,7 +16,7 @@ from finetune_api.constants import Env
 from finetune_api.spec import FineTuneJobSpec
 from transformers import TrainerCallback
 
-from .. import config, methods, models, output
+from .. import config, methods, models, output, startup
 from ..progress import ProgressCallback
 from . import RecipeContext
 
@@ -46,9 +46,18 @@ def peft_config(ctx: RecipeContext, tokenizer: Any, total_steps: int) -> Any | N
     return methods.peft_config(ctx.spec, total_steps=total_steps, tokenizer_path=str(tokenizer_dir))
 
 
+class StartupOver(TrainerCallback):  # type: ignore[misc]
+    """The first trainer built ends start-up (startup.settle): the model, data and trainer exist,
+    and `train()` is about to run the trainer's own `gc.collect()`."""
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        startup.settle()
+
+
 def training_callbacks(ctx: RecipeContext, spec: FineTuneJobSpec) -> list[Any]:
-    """Callbacks of every recipe's trainer: method needs, progress, metrics, checkpoint publishing."""
-    out: list[Any] = [*methods.callbacks(spec)]
+    """Callbacks of every recipe's trainer: start-up's end, method needs, progress, metrics,
+    checkpoint publishing."""
+    out: list[Any] = [StartupOver(), *methods.callbacks(spec)]
     if ctx.progress:
         out.append(ProgressCallback())
     out.extend(ctx.extra_callbacks)
