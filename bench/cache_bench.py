@@ -13,11 +13,16 @@ ahead while the imports run). Groups, one per run:
   (posix_fadvise DONTNEED), as on a node that has not read the entry lately: the model's bytes
   then come from the disk.
 
-Order, counterbalanced: even groups run off, cold, warm, warm_uncached (the warm runs read the
-folder cold filled); odd groups fill a folder with `finetune cache warm` (not timed), run off,
-warm_uncached, warm on it, then cold on a new empty folder. Warm is then not always the run right
-after cold (page cache, load drift). Before each warm run the share of the entry's bytes in the
-page cache is recorded (util-linux `fincore`, when installed).
+Order, counterbalanced: even groups run off, cold, warm (reading the folder cold filled); odd
+groups fill a folder with `finetune cache warm` (not timed), run off, warm on it, then cold on a
+new empty folder (the filled one deleted first, as the off run's copy is before cold in the
+other order). Warm is then not always the run right after cold (page cache, load drift).
+warm_uncached runs last in every group, on the folder cold filled: dropping 3.55 GB from the page
+cache leaves this VM slow to fault pages in for a minute after (the first step of the next run
+took 1.4-1.8 s of kernel time instead of 0.25 s for the same ~145k page faults; the warm runs
+that followed it in the odd groups of an earlier order were 0.4-0.8 s slower: bench/FINDINGS.md
+section 5), which is the page dropping, not the warm start. Before each warm run the share of
+the entry's bytes in the page cache is recorded (util-linux `fincore`, when installed).
 
 The process's clock starts when the parent starts it (pod start); each run reports the marks of
 trainer_worker (imports, model loaded, data prepared, trainer built, baseline evaluation done,
@@ -181,11 +186,12 @@ def cache(runs: int, workdir: Path, model_name: str = MODEL, threads: int = OMP_
         load: list[float] = []
         for i in range(runs):
             cache_dir = _fresh(workdir / f"cache-{i}") / "cache"
-            order = SIDES if i % 2 == 0 else ("off", "warm_uncached", "warm", "cold")
-            dirs = {"cold": cache_dir, "warm": cache_dir, "warm_uncached": cache_dir}
+            order = SIDES if i % 2 == 0 else ("off", "warm", "cold", "warm_uncached")
+            dirs = {"cold": cache_dir, "warm": cache_dir}
             if order[1] != "cold":
                 dirs["cold"] = _fresh(workdir / f"cache-{i}-cold") / "cache"
                 _fill_ahead(server.env, cache_dir, [uris["model"], uris["train"], uris["eval"]])
+            dirs["warm_uncached"] = dirs["cold"]  # last: on the folder cold filled, in both orders
             for side in order:
                 env = {**server.env, "OMP_NUM_THREADS": str(threads)}
                 if side != "off":
@@ -201,7 +207,8 @@ def cache(runs: int, workdir: Path, model_name: str = MODEL, threads: int = OMP_
                 children[side].append(child)
                 rows[side].append(_parts(child, uris))
                 if side == "warm" and dirs["cold"] != cache_dir:
-                    shutil.rmtree(cache_dir.parent, ignore_errors=True)  # disk: one entry at a time
+                    # Before cold, as in the other order (where off deleted its copy): the same free memory.
+                    shutil.rmtree(cache_dir.parent, ignore_errors=True)
             for d in set(dirs.values()):
                 shutil.rmtree(d.parent, ignore_errors=True)
         out: dict[str, Any] = {"model": model_name, "model_bytes": size, "omp_num_threads": threads,
