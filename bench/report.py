@@ -210,7 +210,8 @@ def _startup(s: dict[str, Any]) -> list[str]:
     names = [n for n in s if not n.startswith("_")]
     lines = [
         "",
-        "## 3. Start-up: process start to the first optimizer step (our recipe, `run_job`)",
+        "## 3. Start-up: process start to the first optimizer step (our recipe, `run_job`, started as "
+        "`finetune train` does: startup.begin)",
         "",
         _meta(s),
         "",
