@@ -1,7 +1,7 @@
 """Time to the first optimizer step with the shared model cache: cold (empty cache) vs warm.
 
 A random-weight model built from a config (`--cache-model`: 100m = 438 MB, 300m = 1.16 GB, 1b =
-3.55 GB of fp32 safetensors) and the data set are published to a local MinIO; each run is a fresh
+3.55 GB, 1.3b = 5.2 GB of fp32 safetensors) and the data set are published to a local MinIO; each run is a fresh
 `run_job` process (bench.trainer_worker) that reads them from s3:// as a pod does, and starts as
 `finetune train` does (startup.begin: unused optional libraries kept out, the cached model read
 ahead while the imports run). Groups, one per run:
@@ -47,7 +47,7 @@ from .trainer_bench import LORA, _drop_outputs, _fresh, hyperparameters
 
 MODEL = "100m"
 #: The models `--cache-model` offers (fixtures.MODELS names).
-MODELS = ("100m", "300m", "1b")
+MODELS = ("100m", "300m", "1b", "1.3b")
 SIDES = ("off", "cold", "warm", "warm_uncached")
 #: Torch's CPU threads in every run (`--cache-threads`). With 2 (the core count) on this shared 2-core machine, the
 #: first step of the 1b model took 3 CPU-s at load 2.5 but 7-15 CPU-s at load 5-7: OpenMP threads

@@ -33,6 +33,8 @@ def parse_only(value: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cache_bench import MODELS as CACHE_MODELS
+
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--only", type=parse_only, default=list(SECTIONS), metavar="A,B",
                    help=f"benchmarks to run ({', '.join(SECTIONS)}; 'trainer' = overhead)")
@@ -42,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packing-rows", type=int, default=384, help="chat rows of the packing data set (default 384)")
     p.add_argument("--sizes", default="1,100,1000", help="operator scale: FineTuneJob counts (default 1,100,1000)")
     p.add_argument("--probes", type=int, default=20, help="operator: jobs created one at a time at N live (default 20)")
-    p.add_argument("--cache-model", default="100m", choices=("100m", "300m", "1b"),
-                   help="cache: the model served from MinIO (100m: 438 MB, 300m: 1.16 GB, 1b: 3.55 GB; default 100m)")
+    p.add_argument("--cache-model", default="100m", choices=CACHE_MODELS,
+                   help="cache: the model served from MinIO (100m: 438 MB, 300m: 1.16 GB, 1b: 3.55 GB, "
+                        "1.3b: 5.2 GB; default 100m)")
     p.add_argument("--cache-threads", type=int, default=None,
                    help="cache: OMP_NUM_THREADS of every run (default 1: robust on a busy shared machine; "
                         "the core count on an idle one)")
