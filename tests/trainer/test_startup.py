@@ -19,12 +19,11 @@ from finetune_trainer import startup
 
 # A fresh process that trains `spec` with run_job, as `finetune train` does, and reports what it loaded.
 RUN = """
-    import json, sys
+    import gc, json, sys
     from pathlib import Path
     from finetune_api.resource import parse_spec
     spec = parse_spec(json.loads(Path(sys.argv[1]).read_text()))
     if sys.argv[2] == "begin":
-        import gc
         from finetune_trainer import startup
         startup.begin(spec)
         assert not gc.isenabled(), "begin pauses the collector"
@@ -33,7 +32,6 @@ RUN = """
     from peft.import_utils import is_bnb_available
     from accelerate.utils import is_deepspeed_available
     loaded = sorted(n for n in ("bitsandbytes", "deepspeed") if sys.modules.get(n) is not None)
-    import gc
     print("RESULT " + json.dumps({"loaded": loaded, "peft_sees_bnb": is_bnb_available(),
                                   "collector_on": gc.isenabled(), "frozen": gc.get_freeze_count(),
                                   "accelerate_sees_deepspeed": is_deepspeed_available(),
