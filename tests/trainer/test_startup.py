@@ -31,10 +31,12 @@ RUN = """
     result = run_job(spec, None, Overrides(progress=False, serve_metrics=False))
     from peft.import_utils import is_bnb_available
     from accelerate.utils import is_deepspeed_available
-    loaded = sorted(n for n in ("bitsandbytes", "deepspeed") if sys.modules.get(n) is not None)
+    from transformers.utils import is_triton_available
+    loaded = sorted(n for n in ("bitsandbytes", "deepspeed", "triton") if sys.modules.get(n) is not None)
     print("RESULT " + json.dumps({"loaded": loaded, "peft_sees_bnb": is_bnb_available(),
                                   "collector_on": gc.isenabled(), "frozen": gc.get_freeze_count(),
                                   "accelerate_sees_deepspeed": is_deepspeed_available(),
+                                  "transformers_sees_triton": is_triton_available(),
                                   "train": result.metrics["train"],
                                   "weights": {f.path: f.sha256 for f in result.manifest.files
                                               if f.path.endswith(".safetensors")}}))
@@ -58,12 +60,15 @@ def _run(spec: dict[str, Any], tmp: Path, mode: str) -> dict[str, Any]:
 
 
 def test_unused_libraries_follow_the_spec(make_spec: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
-    assert startup.unused_libraries(_spec(make_spec, tmp_path)) == ("bitsandbytes", "deepspeed")
+    # The tests' specs run on the CPU (gpusPerNode 0): no triton kernel either.
+    assert startup.unused_libraries(_spec(make_spec, tmp_path)) == ("bitsandbytes", "deepspeed", "triton")
     qlora = _spec(make_spec, tmp_path, method={"type": "qlora", "lora": {"r": 8, "alpha": 16}},
                   model={"quantization": {"bits": 4}})
     assert "bitsandbytes" not in startup.unused_libraries(qlora)
     adam8 = _spec(make_spec, tmp_path, hyperparameters={"optimizer": "paged_adamw_8bit"})
-    assert startup.unused_libraries(adam8) == ("deepspeed",)
+    assert startup.unused_libraries(adam8) == ("deepspeed", "triton")
+    gpu = _spec(make_spec, tmp_path, resources={"gpusPerNode": 1})
+    assert startup.unused_libraries(gpu) == ("bitsandbytes", "deepspeed")
     ds = _spec(make_spec, tmp_path, resources={"gpusPerNode": 2},
                distributed={"strategy": "deepspeed", "deepspeed": {"zeroStage": 2}})
     assert startup.unused_libraries(ds) == ("bitsandbytes",)
@@ -126,14 +131,17 @@ def test_a_lora_run_without_the_unused_libraries_trains_the_same(
     make_spec: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
     """Two fresh processes train the same LoRA spec, one after startup.begin: that one never loads
-    bitsandbytes or deepspeed (peft and accelerate see them as not installed) and ran with the
+    bitsandbytes, deepspeed or triton (peft, accelerate and transformers see them as not
+    installed) and ran with the
     collector paused until its trainer existed, and both end with the same losses and the same
     adapter bytes."""
     spec = make_spec(tmp_path / "plain", hyperparameters={"maxSteps": 4})
     plain = _run(spec, tmp_path, "plain")
     lean = _run({**spec, "output": {"uri": str(tmp_path / "lean")}}, tmp_path, "begin")
-    assert plain["loaded"] == ["bitsandbytes", "deepspeed"] and plain["peft_sees_bnb"]
+    assert plain["loaded"] == ["bitsandbytes", "deepspeed", "triton"] and plain["peft_sees_bnb"]
+    assert plain["transformers_sees_triton"]
     assert lean["loaded"] == [] and not lean["peft_sees_bnb"] and not lean["accelerate_sees_deepspeed"]
+    assert not lean["transformers_sees_triton"]
     assert lean["collector_on"] and lean["frozen"] > 100_000  # start-up frozen, collector back on
     assert plain["collector_on"] and plain["frozen"] == 0
     assert lean["train"]["steps"] == plain["train"]["steps"] == 4

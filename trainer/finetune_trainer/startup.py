@@ -6,8 +6,9 @@ things here shorten it without touching what the run computes:
 - **Optional libraries the run does not use stay out of the process.** peft imports bitsandbytes
   whenever it is installed (and bitsandbytes pulls in torch's inductor), accelerate imports
   deepspeed when it looks for a DeepSpeed engine, although a LoRA run without quantization on one
-  process uses neither. `keep_out` marks them absent for this process (``sys.modules[name] =
-  None``): the libraries' own availability checks (``importlib.util.find_spec``) then say "not
+  process uses neither; torch imports triton (GPU kernels) even in a pod without GPUs. `keep_out`
+  marks them absent for this process (``sys.modules[name] = None``): the libraries' own
+  availability checks (``importlib.util.find_spec``) then say "not
   installed", exactly as in an image without them, and a direct import fails loudly
   (ModuleNotFoundError) instead of running half-configured. Which runs need which library is
   decided from the spec in `unused_libraries`.
@@ -50,6 +51,11 @@ def unused_libraries(spec: FineTuneJobSpec) -> tuple[str, ...]:
         unused.append("bitsandbytes")
     if spec.distributed.strategy != "deepspeed":
         unused.append("deepspeed")
+    # triton: GPU kernels only (torch's inductor compiles C++ on CPU); torch._dynamo imports it
+    # whenever it is installed, as the CUDA image has it. A pod without GPUs trains on the CPU
+    # (config.resolve_precision), so it never runs a triton kernel.
+    if spec.resources.gpus_per_node == 0:
+        unused.append("triton")
     return tuple(unused)
 
 
