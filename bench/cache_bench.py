@@ -14,9 +14,12 @@ ahead while the imports run). Groups, one per run:
   then come from the disk.
 
 Order, counterbalanced: even groups run off, cold, warm (reading the folder cold filled); odd
-groups fill a folder with `finetune cache warm` (not timed), run off, warm on it, then cold on a
-new empty folder (the filled one deleted first, as the off run's copy is before cold in the
-other order). Warm is then not always the run right after cold (page cache, load drift).
+groups fill a folder with `finetune cache warm` (not timed), run warm on it, then off, then cold
+on a new empty folder (the filled one deleted first, as nothing else is on disk before cold in
+the other order). Warm is then not always the run right after cold (load drift), and in both
+orders it reads an entry that was just written, as on a node that has just run a job on the same
+base: with an off run between the fill and warm (the previous order), a 5.2 GB model's entry
+was partly pushed out of this 23 GB machine's page cache by off's own copy (FINDINGS section 5).
 warm_uncached runs last in every group, on the folder cold filled: dropping 3.55 GB from the page
 cache leaves this VM slow to fault pages in for a minute after (the first step of the next run
 took 1.4-1.8 s of kernel time instead of 0.25 s for the same ~145k page faults; the warm runs
@@ -186,7 +189,7 @@ def cache(runs: int, workdir: Path, model_name: str = MODEL, threads: int = OMP_
         load: list[float] = []
         for i in range(runs):
             cache_dir = _fresh(workdir / f"cache-{i}") / "cache"
-            order = SIDES if i % 2 == 0 else ("off", "warm", "cold", "warm_uncached")
+            order = SIDES if i % 2 == 0 else ("warm", "off", "cold", "warm_uncached")
             dirs = {"cold": cache_dir, "warm": cache_dir}
             if order[1] != "cold":
                 dirs["cold"] = _fresh(workdir / f"cache-{i}-cold") / "cache"
@@ -206,8 +209,8 @@ def cache(runs: int, workdir: Path, model_name: str = MODEL, threads: int = OMP_
                 child = _one(cfg, _fresh(workdir / f"cache-{side}-{i}"), env)
                 children[side].append(child)
                 rows[side].append(_parts(child, uris))
-                if side == "warm" and dirs["cold"] != cache_dir:
-                    # Before cold, as in the other order (where off deleted its copy): the same free memory.
+                if side == "off" and dirs["cold"] != cache_dir:
+                    # Before cold, as in the other order (where nothing else is on disk): the same free memory.
                     shutil.rmtree(cache_dir.parent, ignore_errors=True)
             for d in set(dirs.values()):
                 shutil.rmtree(d.parent, ignore_errors=True)
