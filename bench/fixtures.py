@@ -1,8 +1,9 @@
 """Offline inputs of the trainer benchmarks, built once into bench/.cache.
 
 - a byte-level BPE tokenizer (ChatML template) trained on the benchmark's own word list;
-- random-weight Llama models built from a config: `tiny` (the overhead and packing runs) and
-  `100m` (about 100 M parameters, the start-up run);
+- random-weight Llama models built from a config: `tiny` (the overhead and packing runs),
+  `100m` (about 100 M parameters, the start-up run), `300m`, `1b` and `1.3b` (the model cache
+  runs: fp32 safetensors of 1.16, 3.55 and 5.2 GB);
 - `facts`: prompt/completion rows of uniform length (trainer overhead);
 - `chat`: messages rows whose token lengths spread more than 10x (packing).
 """
@@ -48,13 +49,14 @@ MODELS: dict[str, dict[str, Any]] = {
              "num_key_value_heads": 16, "max_position_embeddings": 1024, "vocab_size": 32000,
              "tie_word_embeddings": True},
     # 16 x (attention 16.8M + MLP 34.6M) + 32k x 2048 tied embeddings ~= 890M parameters, 3.55 GB of
-    # fp32 safetensors: the model cache run where the download, not the imports, decides the time.
+    # fp32 safetensors: the model cache's record before 1.3b.
     "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 16,
            "num_key_value_heads": 16, "max_position_embeddings": 1024, "vocab_size": 32000,
            "tie_word_embeddings": True},
     # 24 x (attention 16.8M + MLP 34.6M) + 32k x 2048 tied embeddings ~= 1.3B parameters, 5.2 GB of
-    # fp32 safetensors: the cache run for a larger machine. On the 23 GB test machine its disk
-    # needs fit, but its page cache cannot keep the entry next to MinIO's copy (FINDINGS section 5).
+    # fp32 safetensors: the model cache's recorded run (cache_bench.MODEL). The 23 GB test machine
+    # keeps its entry in the page cache next to MinIO's copy while no third copy (a run with the
+    # cache off) comes between the fill and the warm run (FINDINGS section 5).
     "1.3b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16,
              "num_key_value_heads": 16, "max_position_embeddings": 1024, "vocab_size": 32000,
              "tie_word_embeddings": True},

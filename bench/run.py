@@ -33,7 +33,9 @@ def parse_only(value: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cache_bench import MODEL as CACHE_MODEL
     from .cache_bench import MODELS as CACHE_MODELS
+    from .cache_bench import QUICK_MODEL as CACHE_QUICK_MODEL
 
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--only", type=parse_only, default=list(SECTIONS), metavar="A,B",
@@ -44,12 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packing-rows", type=int, default=384, help="chat rows of the packing data set (default 384)")
     p.add_argument("--sizes", default="1,100,1000", help="operator scale: FineTuneJob counts (default 1,100,1000)")
     p.add_argument("--probes", type=int, default=20, help="operator: jobs created one at a time at N live (default 20)")
-    p.add_argument("--cache-model", default="100m", choices=CACHE_MODELS,
-                   help="cache: the model served from MinIO (100m: 438 MB, 300m: 1.16 GB, 1b: 3.55 GB, "
-                        "1.3b: 5.2 GB; default 100m)")
+    p.add_argument("--cache-model", default=None, choices=CACHE_MODELS,
+                   help=f"cache: the model served from MinIO (sizes in bench/fixtures.py; default {CACHE_MODEL}, "
+                        f"{CACHE_QUICK_MODEL} with --quick)")
     p.add_argument("--cache-threads", type=int, default=None,
-                   help="cache: OMP_NUM_THREADS of every run (default 1: robust on a busy shared machine; "
-                        "the core count on an idle one)")
+                   help="cache: OMP_NUM_THREADS of every run (default the core count, as a pod's trainer; "
+                        "1 is steadier on a busy shared machine)")
     p.add_argument("--quick", action="store_true",
                    help="smallest mode (CI): few steps and rows, tiny model only, no profiles, 1 operator job")
     p.add_argument("--out", type=Path, default=REPO / "bench", help="where results.json and RESULTS.md go")
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from . import cache_bench
 
             threads = {"threads": args.cache_threads} if args.cache_threads else {}
-            section = cache_bench.cache(args.runs, args.workdir, model_name=args.cache_model, **threads)
+            model = args.cache_model or (cache_bench.QUICK_MODEL if args.quick else cache_bench.MODEL)
+            section = cache_bench.cache(args.runs, args.workdir, model_name=model, **threads)
         else:
             from . import operator_bench
 
