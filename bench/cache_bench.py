@@ -52,7 +52,7 @@ from .trainer_bench import LORA, _drop_outputs, _fresh, hyperparameters
 #: The record's model (`--cache-model`'s default): 5.2 GB, the largest whose entry this 23 GB
 #: machine keeps in its page cache next to MinIO's copy. What a cache removes is the download; what
 #: is left (imports, the first step's compute) does not depend on it, so warm / cold falls as the
-#: model grows: 0.75 at 100m, 0.33 at 1b, 0.28 at 1.3b here (FINDINGS section 5). Real bases are
+#: model grows: 0.75 at 100m, 0.33-0.34 at 1b, 0.27-0.28 at 1.3b here (FINDINGS section 5). Real bases are
 #: larger still (8B parameters: 16 GB in bf16).
 MODEL = "1.3b"
 #: `--quick`'s model: a small download, for a smoke run of the harness.
