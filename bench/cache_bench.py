@@ -1,10 +1,10 @@
 """Time to the first optimizer step with the shared model cache: cold (empty cache) vs warm.
 
-A random-weight model built from a config (`--cache-model`: 100m = 438 MB, 300m = 1.16 GB, 1b =
-3.55 GB, 1.3b = 5.2 GB of fp32 safetensors) and the data set are published to a local MinIO; each run is a fresh
-`run_job` process (bench.trainer_worker) that reads them from s3:// as a pod does, and starts as
-`finetune train` does (startup.begin: unused optional libraries kept out, the cached model read
-ahead while the imports run). Groups, one per run:
+A random-weight model built from a config (`--cache-model`; sizes in fixtures.MODELS) and the
+data set are published to a local MinIO; each run is a fresh `run_job` process
+(bench.trainer_worker) that reads them from s3:// as a pod does, and starts as `finetune train`
+does (startup.begin: unused optional libraries kept out, the cached model read ahead while the
+imports run). Groups, one per run:
 
 - off:  the cache switched off (today's behaviour: a download into the run's scratch);
 - cold: an empty cache folder (download, verify, fill);
@@ -81,8 +81,6 @@ PARTS = (
 
 
 def _publish(minio_env: dict[str, str], bucket: str, name: str, model: Path, train: Path, held: Path) -> dict[str, str]:
-    import os
-
     from finetune_trainer import storage
 
     saved = {k: os.environ.get(k) for k in minio_env}
@@ -113,8 +111,6 @@ def _one(cfg: dict[str, Any], run_dir: Path, env: dict[str, str]) -> Child:
 
 def _drop_page_cache(root: Path) -> None:
     """Drop the clean pages of every file under `root` from the page cache (no root needed)."""
-    import os
-
     for p in root.rglob("*"):
         if p.is_file():
             fd = os.open(p, os.O_RDONLY)
@@ -142,7 +138,6 @@ def _resident_share(root: Path) -> float | None:
 
 def _fill_ahead(server_env: dict[str, str], cache_dir: Path, sources: list[str]) -> None:
     """Fill `cache_dir` as the chart's warm Job does (`finetune cache warm`), untimed."""
-    import os
     import subprocess
     import sys
 
@@ -176,8 +171,6 @@ def _parts(child: Child, uris: dict[str, str]) -> dict[str, float]:
 
 
 def cache(runs: int, workdir: Path, model_name: str = MODEL, threads: int = OMP_THREADS) -> dict[str, Any]:
-    import os
-
     from harness.cluster import MinioServer
 
     model = fixtures.model_dir(model_name)
@@ -197,9 +190,10 @@ def cache(runs: int, workdir: Path, model_name: str = MODEL, threads: int = OMP_
         load: list[float] = []
         for i in range(runs):
             cache_dir = _fresh(workdir / f"cache-{i}") / "cache"
-            order = SIDES if i % 2 == 0 else ("warm", "off", "cold", "warm_uncached")
+            ahead = i % 2 == 1  # odd groups: warm reads a folder filled ahead, cold fills a new one
+            order = ("warm", "off", "cold", "warm_uncached") if ahead else SIDES
             dirs = {"cold": cache_dir, "warm": cache_dir}
-            if order[1] != "cold":
+            if ahead:
                 dirs["cold"] = _fresh(workdir / f"cache-{i}-cold") / "cache"
                 _fill_ahead(server.env, cache_dir, [uris["model"], uris["train"], uris["eval"]])
             dirs["warm_uncached"] = dirs["cold"]  # last: on the folder cold filled, in both orders
@@ -217,7 +211,7 @@ def cache(runs: int, workdir: Path, model_name: str = MODEL, threads: int = OMP_
                 child = _one(cfg, _fresh(workdir / f"cache-{side}-{i}"), env)
                 children[side].append(child)
                 rows[side].append(_parts(child, uris))
-                if side == "off" and dirs["cold"] != cache_dir:
+                if side == "off" and ahead:
                     # Before cold, as in the other order (where nothing else is on disk): the same free memory.
                     shutil.rmtree(cache_dir.parent, ignore_errors=True)
             for d in set(dirs.values()):

@@ -3,7 +3,7 @@
 - a byte-level BPE tokenizer (ChatML template) trained on the benchmark's own word list;
 - random-weight Llama models built from a config: `tiny` (the overhead and packing runs),
   `100m` (about 100 M parameters, the start-up run), `300m`, `1b` and `1.3b` (the model cache
-  runs: fp32 safetensors of 1.16, 3.55 and 5.2 GB);
+  runs; sizes beside each in MODELS);
 - `facts`: prompt/completion rows of uniform length (trainer overhead);
 - `chat`: messages rows whose token lengths spread more than 10x (packing).
 """

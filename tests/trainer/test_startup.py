@@ -132,9 +132,8 @@ def test_a_lora_run_without_the_unused_libraries_trains_the_same(
 ) -> None:
     """Two fresh processes train the same LoRA spec, one after startup.begin: that one never loads
     bitsandbytes, deepspeed or triton (peft, accelerate and transformers see them as not
-    installed) and ran with the
-    collector paused until its trainer existed, and both end with the same losses and the same
-    adapter bytes."""
+    installed) and ran with the collector paused until its trainer existed, and both end with the
+    same losses and the same adapter bytes."""
     spec = make_spec(tmp_path / "plain", hyperparameters={"maxSteps": 4})
     plain = _run(spec, tmp_path, "plain")
     lean = _run({**spec, "output": {"uri": str(tmp_path / "lean")}}, tmp_path, "begin")

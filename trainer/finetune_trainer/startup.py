@@ -8,9 +8,9 @@ things here shorten it without touching what the run computes:
   deepspeed when it looks for a DeepSpeed engine, although a LoRA run without quantization on one
   process uses neither; torch imports triton (GPU kernels) even in a pod without GPUs. `keep_out`
   marks them absent for this process (``sys.modules[name] = None``): the libraries' own
-  availability checks (``importlib.util.find_spec``) then say "not
-  installed", exactly as in an image without them, and a direct import fails loudly
-  (ModuleNotFoundError) instead of running half-configured. Which runs need which library is
+  availability checks (``importlib.util.find_spec``) then say "not installed", exactly as in an
+  image without them, and a direct import fails loudly (ModuleNotFoundError) instead of running
+  half-configured. Which runs need which library is
   decided from the spec in `unused_libraries`.
 - **The base model is read ahead from the shared cache** while the imports run (cache.prefetch).
 - **The cyclic garbage collector waits until start-up is over.** Imports and the model build
